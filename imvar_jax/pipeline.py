@@ -57,7 +57,7 @@ class ImageVariationPipeline:
 
     @property
     def vae_scale_factor(self) -> int:
-        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+        return self.vae.config.scale_factor
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike = "lambdalabs/sd-image-variations-diffusers", *,

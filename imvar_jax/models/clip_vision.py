@@ -1,0 +1,224 @@
+"""transformers' ``CLIPVisionModelWithProjection`` (the image encoder) as a Flax linen module, NHWC."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Self
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from imvar_jax.models.config import ConfigError, check_supported, from_dict, read_json
+from imvar_jax.models.layers import AttentionImpl, conv, dot_product_attention, layer_norm
+
+# transformers' "gelu" is the exact erf form; its default is "quick_gelu".
+_ACTIVATIONS = ("quick_gelu", "gelu")
+
+# The CLIPConfig default that a safety checker's config.json may leave out.
+_CLIP_PROJECTION_DIM = 512
+
+
+@dataclass(frozen=True)
+class CLIPVisionConfig:
+    """The architecture fields of transformers' ``CLIPVisionConfig`` (defaults are transformers')."""
+
+    hidden_size: int = 768
+    intermediate_size: int = 3072
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_channels: int = 3
+    image_size: int = 224
+    patch_size: int = 32
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    projection_dim: int = 512
+
+    def __post_init__(self) -> None:
+        check_supported("clip_vision", {"hidden_act": self.hidden_act}, {"hidden_act": _ACTIVATIONS})
+        for field in ("image_size", "patch_size"):
+            if not isinstance(getattr(self, field), int):
+                raise ConfigError(f"clip_vision: unsupported config value {field}={getattr(self, field)!r} "
+                                  f"(only a single int)")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"clip_vision: num_attention_heads={self.num_attention_heads} does not divide "
+                              f"hidden_size={self.hidden_size}")
+        if self.patch_size > self.image_size:
+            raise ConfigError(f"clip_vision: patch_size={self.patch_size} exceeds image_size={self.image_size}")
+
+    @property
+    def num_positions(self) -> int:
+        """Patches plus the class token."""
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> Self:
+        """Read a ``CLIPVisionConfig`` dict, or a ``CLIPConfig`` dict (see ``from_clip_config``)."""
+        check_supported("clip_vision", raw, {"model_type": ("clip_vision_model", "clip")})
+        if raw.get("model_type") == "clip" or "vision_config" in raw or "vision_config_dict" in raw:
+            return cls.from_clip_config(raw)
+        return from_dict(cls, raw)
+
+    @classmethod
+    def from_clip_config(cls, raw: Mapping[str, Any]) -> Self:
+        """The vision tower of a ``CLIPConfig`` dict, as a safety checker's config.json holds.
+
+        The tower is ``vision_config`` and the projection width the top-level
+        ``projection_dim``; the sub-dict's own ``projection_dim`` belongs to nothing there.
+        """
+        # transformers lets an old ``vision_config_dict`` (defaults filling what it omits)
+        # override ``vision_config`` field by field.
+        vision = raw.get("vision_config_dict") or raw.get("vision_config") or {}
+        if not isinstance(vision, Mapping):
+            raise ConfigError("clip_vision: vision_config must be a JSON object")
+        check_supported("clip_vision", vision, {"model_type": ("clip_vision_model",)})
+        return from_dict(cls, vision, projection_dim=raw.get("projection_dim", _CLIP_PROJECTION_DIM))
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> Self:
+        return cls.from_dict(read_json(path))
+
+    @classmethod
+    def sd_v1(cls) -> Self:
+        """ViT-L/14, the image encoder of lambdalabs/sd-image-variations-diffusers."""
+        return cls(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                   num_channels=3, image_size=224, patch_size=14, hidden_act="quick_gelu", layer_norm_eps=1e-5,
+                   projection_dim=768)
+
+    @classmethod
+    def tiny(cls) -> Self:
+        return cls(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                   num_channels=3, image_size=32, patch_size=4, hidden_act="quick_gelu", projection_dim=16)
+
+
+def _activation(name: str, x: jax.Array) -> jax.Array:
+    if name == "quick_gelu":
+        return x * nn.sigmoid(1.702 * x)
+    return nn.gelu(x, approximate=False)
+
+
+class CLIPVisionEmbeddings(nn.Module):
+    """Class token plus non-overlapping patches, each with a learned position embedding."""
+
+    config: CLIPVisionConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, pixel_values: jax.Array) -> jax.Array:
+        cfg = self.config
+        n, h, w, _ = pixel_values.shape
+        if h != cfg.image_size or w != cfg.image_size:
+            raise ValueError(f"input image size ({h}*{w}) doesn't match the model ({cfg.image_size}*{cfg.image_size})")
+        patches = conv(cfg.hidden_size, cfg.patch_size, self.dtype, "patch_embedding", stride=cfg.patch_size,
+                       padding=0, use_bias=False)(pixel_values.astype(self.dtype))
+        patches = patches.reshape(n, -1, cfg.hidden_size)  # [N, P*P, D], row-major like torch's flatten(2)
+        cls = self.param("class_embedding", nn.initializers.normal(cfg.hidden_size ** -0.5), (cfg.hidden_size,))
+        cls = jnp.broadcast_to(cls.astype(self.dtype), (n, 1, cfg.hidden_size))  # [N, 1, D]
+        positions = nn.Embed(cfg.num_positions, cfg.hidden_size, dtype=self.dtype,
+                             name="position_embedding")(jnp.arange(cfg.num_positions))  # [T, D]
+        return jnp.concatenate([cls, patches], axis=1) + positions[None]  # [N, T, D]
+
+
+class CLIPAttention(nn.Module):
+    config: CLIPVisionConfig
+    dtype: jnp.dtype = jnp.float32
+    attention_impl: AttentionImpl = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        d = self.config.hidden_size
+        q = nn.Dense(d, dtype=self.dtype, name="q_proj")(x)
+        k = nn.Dense(d, dtype=self.dtype, name="k_proj")(x)
+        v = nn.Dense(d, dtype=self.dtype, name="v_proj")(x)
+        # jax.nn.dot_product_attention's default scale is head_dim**-0.5, as CLIP's.
+        out = dot_product_attention(q, k, v, self.config.num_attention_heads, implementation=self.attention_impl)
+        return nn.Dense(d, dtype=self.dtype, name="out_proj")(out)
+
+
+class CLIPMLP(nn.Module):
+    config: CLIPVisionConfig
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = nn.Dense(self.config.intermediate_size, dtype=self.dtype, name="fc1")(x)
+        h = _activation(self.config.hidden_act, h)
+        return nn.Dense(self.config.hidden_size, dtype=self.dtype, name="fc2")(h)
+
+
+class CLIPEncoderLayer(nn.Module):
+    """Pre-LN transformer block: attention then MLP, each behind a layer norm and a residual."""
+
+    config: CLIPVisionConfig
+    dtype: jnp.dtype = jnp.float32
+    attention_impl: AttentionImpl = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        eps = self.config.layer_norm_eps
+        h = layer_norm(eps, self.dtype, "layer_norm1")(x)
+        x = x + CLIPAttention(self.config, self.dtype, self.attention_impl, name="self_attn")(h)
+        h = layer_norm(eps, self.dtype, "layer_norm2")(x)
+        return x + CLIPMLP(self.config, self.dtype, name="mlp")(h)
+
+
+class CLIPEncoder(nn.Module):
+    config: CLIPVisionConfig
+    dtype: jnp.dtype = jnp.float32
+    attention_impl: AttentionImpl = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        for i in range(self.config.num_hidden_layers):
+            x = CLIPEncoderLayer(self.config, self.dtype, self.attention_impl, name=f"layers_{i}")(x)
+        return x
+
+
+class CLIPVisionTransformer(nn.Module):
+    """The vision tower. Returns ``(last_hidden_state [N, T, D], pooled [N, D])``.
+
+    ``post_layernorm`` applies to the pooled class token only, not to the last hidden state.
+    """
+
+    config: CLIPVisionConfig
+    dtype: jnp.dtype = jnp.float32
+    attention_impl: AttentionImpl = None
+
+    @nn.compact
+    def __call__(self, pixel_values: jax.Array) -> tuple[jax.Array, jax.Array]:
+        eps = self.config.layer_norm_eps
+        h = CLIPVisionEmbeddings(self.config, self.dtype, name="embeddings")(pixel_values)
+        h = layer_norm(eps, self.dtype, "pre_layrnorm")(h)
+        h = CLIPEncoder(self.config, self.dtype, self.attention_impl, name="encoder")(h)
+        pooled = layer_norm(eps, self.dtype, "post_layernorm")(h[:, 0, :])
+        return h, pooled
+
+
+class CLIPVisionModelWithProjection(nn.Module):
+    """The image encoder: pixels ``[N, S, S, C]`` (already CLIP-normalised) -> ``image_embeds [N, projection_dim]``."""
+
+    config: CLIPVisionConfig
+    dtype: jnp.dtype = jnp.float32
+    attention_impl: AttentionImpl = None
+
+    def setup(self) -> None:
+        self.vision_model = CLIPVisionTransformer(self.config, self.dtype, self.attention_impl)
+        self.visual_projection = nn.Dense(self.config.projection_dim, use_bias=False, dtype=self.dtype)
+
+    def __call__(self, pixel_values: jax.Array) -> jax.Array:
+        return self.encode(pixel_values)[0]
+
+    def encode(self, pixel_values: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """``(image_embeds [N, projection_dim], last_hidden_state [N, T, hidden_size])``."""
+        hidden, pooled = self.vision_model(pixel_values)
+        return self.visual_projection(pooled), hidden
+
+
+def abstract_params(config: CLIPVisionConfig, dtype: jnp.dtype = jnp.float32) -> dict:
+    """The params tree as ``jax.ShapeDtypeStruct`` leaves, without allocating or computing anything."""
+    model = CLIPVisionModelWithProjection(config)
+    s = config.image_size
+    pixels = jax.ShapeDtypeStruct((1, s, s, config.num_channels), jnp.float32)
+    shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), pixels)["params"]
+    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), shapes)

@@ -1,0 +1,290 @@
+"""diffusers' SD-v1 ``UNet2DConditionModel`` as a Flax linen module, NHWC."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping, Self
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from imvar_jax.models.config import ConfigError, check_supported, from_dict, read_json, to_dict
+from imvar_jax.models.layers import AttentionImpl, conv, group_norm
+from imvar_jax.models.unet_blocks import DownBlock2D, TransformerSpec, UNetMidBlock2DCrossAttn, UpBlock2D
+
+_DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
+_UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
+
+# Field -> accepted values; the first is diffusers' default (see config.check_supported). Every
+# other value changes the architecture in a way this port does not implement.
+_SUPPORTED = {
+    "center_input_sample": (False,),
+    "mid_block_type": ("UNetMidBlock2DCrossAttn",),
+    "only_cross_attention": (False,),
+    "dual_cross_attention": (False,),
+    "downsample_padding": (1, 0),
+    "mid_block_scale_factor": (1,),
+    "act_fn": ("silu", "swish"),  # both are SiLU in diffusers
+    "num_attention_heads": (None,),  # diffusers itself refuses any other value
+    "reverse_transformer_layers_per_block": (None,),
+    "encoder_hid_dim": (None,),
+    "encoder_hid_dim_type": (None,),
+    "class_embed_type": (None,),
+    "num_class_embeds": (None,),
+    "class_embeddings_concat": (False,),
+    "addition_embed_type": (None,),
+    "resnet_time_scale_shift": ("default",),
+    "time_embedding_type": ("positional",),
+    "time_embedding_act_fn": (None,),
+    "timestep_post_act": (None,),
+    "time_cond_proj_dim": (None,),
+    "conv_in_kernel": (3,),
+    "conv_out_kernel": (3,),
+    "attention_type": ("default",),
+}
+
+# The frequencies of the sinusoidal timestep embedding span periods up to this.
+_MAX_PERIOD = 10000.0
+
+
+@dataclass(frozen=True)
+class UNetConfig:
+    """The fields of diffusers' ``unet/config.json`` that this port reads; defaults are diffusers'.
+
+    ``attention_head_dim`` keeps diffusers' naming quirk: it is the NUMBER of heads per block
+    (an int for all blocks or one per block); each head has ``channels // heads`` dims.
+    """
+
+    sample_size: int | tuple[int, ...] | None = None
+    in_channels: int = 4
+    out_channels: int = 4
+    center_input_sample: bool = False
+    flip_sin_to_cos: bool = True
+    freq_shift: float = 0
+    down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                         "DownBlock2D")
+    mid_block_type: str = "UNetMidBlock2DCrossAttn"
+    up_block_types: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
+                                       "CrossAttnUpBlock2D")
+    only_cross_attention: bool = False
+    block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
+    layers_per_block: int | tuple[int, ...] = 2
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1
+    act_fn: str = "silu"
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: int | tuple[int, ...] = 1280
+    transformer_layers_per_block: int | tuple[int, ...] = 1
+    attention_head_dim: int | tuple[int, ...] = 8
+    num_attention_heads: int | tuple[int, ...] | None = None
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+    time_embedding_dim: int | None = None
+
+    def __post_init__(self) -> None:
+        check_supported("unet", to_dict(self), _SUPPORTED)
+        n = len(self.block_out_channels)
+        if n == 0:
+            raise ConfigError("unet: block_out_channels is empty")
+        for field, types, allowed in (("down_block_types", self.down_block_types, _DOWN_BLOCKS),
+                                      ("up_block_types", self.up_block_types, _UP_BLOCKS)):
+            bad = [t for t in types if t not in allowed]
+            if bad:
+                raise ConfigError(f"unet: unsupported config value {field}={list(types)!r} "
+                                  f"(supported blocks: {list(allowed)!r})")
+            if len(types) != n:
+                raise ConfigError(f"unet: {field} has {len(types)} entries but block_out_channels has {n}")
+        for field in ("layers_per_block", "cross_attention_dim", "transformer_layers_per_block",
+                      "attention_head_dim"):
+            value = getattr(self, field)
+            if isinstance(value, tuple):
+                if len(value) != n or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+                    raise ConfigError(f"unet: unsupported config value {field}={list(value)!r} "
+                                      f"(an int or one int per block, {n} blocks)")
+            elif not isinstance(value, int) or isinstance(value, bool):
+                raise ConfigError(f"unet: unsupported config value {field}={value!r} (an int or one int per block)")
+        if not isinstance(self.norm_num_groups, int) or any(c % self.norm_num_groups
+                                                            for c in self.block_out_channels):
+            raise ConfigError(f"unet: unsupported config value norm_num_groups={self.norm_num_groups!r} "
+                              f"(must divide block_out_channels={list(self.block_out_channels)})")
+        for i in self._attention_blocks():
+            heads = self.heads[i]
+            if heads <= 0 or self.block_out_channels[i] % heads:
+                raise ConfigError(f"unet: unsupported config value attention_head_dim={self.attention_head_dim!r} "
+                                  f"(the head count {heads} must divide block {i}'s {self.block_out_channels[i]} "
+                                  f"channels)")
+        dims = {self._per_block(self.cross_attention_dim)[i] for i in self._attention_blocks()}
+        if len(dims) != 1:
+            raise ConfigError(f"unet: unsupported config value cross_attention_dim={self.cross_attention_dim!r} "
+                              f"(every cross-attention block must take the same conditioning width)")
+
+    def _per_block(self, value: int | tuple[int, ...]) -> tuple[int, ...]:
+        return value if isinstance(value, tuple) else (value,) * len(self.block_out_channels)
+
+    def _attention_blocks(self) -> list[int]:
+        """Levels (down-path order) whose down or up block has a Transformer2DModel, plus the mid block's (the last)."""
+        n = len(self.block_out_channels)
+        return sorted({i for i, t in enumerate(self.down_block_types) if t == "CrossAttnDownBlock2D"}
+                      | {n - 1 - i for i, t in enumerate(self.up_block_types) if t == "CrossAttnUpBlock2D"}
+                      | {n - 1})
+
+    @property
+    def heads(self) -> tuple[int, ...]:
+        """Attention heads per block, down-path order (diffusers' ``attention_head_dim``)."""
+        return self._per_block(self.attention_head_dim)
+
+    @property
+    def resnets_per_block(self) -> tuple[int, ...]:
+        """``layers_per_block`` per block, down-path order; each up block has one resnet more."""
+        return self._per_block(self.layers_per_block)
+
+    @property
+    def transformer_depths(self) -> tuple[int, ...]:
+        """BasicTransformerBlocks per Transformer2DModel, per block, down-path order."""
+        return self._per_block(self.transformer_layers_per_block)
+
+    @property
+    def context_dim(self) -> int:
+        """Width of ``encoder_hidden_states`` (the cross-attention blocks all share it)."""
+        return self._per_block(self.cross_attention_dim)[self._attention_blocks()[0]]
+
+    @property
+    def downscale_factor(self) -> int:
+        """Latent height and width must be multiples of this (one halving per downsampler)."""
+        return 2 ** (len(self.block_out_channels) - 1)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any]) -> Self:
+        check_supported("unet", raw, _SUPPORTED)
+        return from_dict(cls, raw)
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> Self:
+        return cls.from_dict(read_json(path))
+
+    @classmethod
+    def sd_v1(cls) -> Self:
+        """lambdalabs/sd-image-variations-diffusers ``unet/config.json``."""
+        return cls(sample_size=64, in_channels=4, out_channels=4, block_out_channels=(320, 640, 1280, 1280),
+                   layers_per_block=2, attention_head_dim=8, cross_attention_dim=768, norm_num_groups=32,
+                   norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0)
+
+    @classmethod
+    def tiny(cls) -> Self:
+        return cls(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=4,
+                   cross_attention_dim=32, norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+                   up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+
+
+def timestep_embedding(timesteps: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> jax.Array:
+    """diffusers' ``get_timestep_embedding``: ``[B]`` timesteps -> ``[B, dim]`` float32 sinusoids.
+
+    Frequencies are ``exp(-ln(10000) * k / (dim/2 - freq_shift))``; sines come first unless
+    ``flip_sin_to_cos`` (SD-v1: cosines first).
+    """
+    half = dim // 2
+    freqs = jnp.exp(-math.log(_MAX_PERIOD) * jnp.arange(half, dtype=jnp.float32) / (half - freq_shift))
+    angles = timesteps.astype(jnp.float32)[:, None] * freqs[None, :]  # [B, half]
+    parts = [jnp.cos(angles), jnp.sin(angles)] if flip_sin_to_cos else [jnp.sin(angles), jnp.cos(angles)]
+    emb = jnp.concatenate(parts, axis=-1)
+    if dim % 2:
+        emb = jnp.pad(emb, ((0, 0), (0, 1)))
+    return emb
+
+
+class TimestepEmbedding(nn.Module):
+    features: int
+    dtype: jnp.dtype = jnp.float32
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x = nn.Dense(self.features, dtype=self.dtype, name="linear_1")(x)
+        return nn.Dense(self.features, dtype=self.dtype, name="linear_2")(nn.silu(x))
+
+
+class UNet2DConditionModel(nn.Module):
+    """Predicts the noise in ``sample`` at ``timesteps`` given ``encoder_hidden_states``.
+
+    ``sample`` is NHWC ``[B, H, W, in_channels]`` with H and W multiples of
+    ``config.downscale_factor``; ``timesteps`` a scalar or ``[B]`` (int or float);
+    ``encoder_hidden_states`` ``[B, T, config.context_dim]`` (T is 1 for image variations).
+    Returns ``[B, H, W, out_channels]`` in float32 whatever ``dtype``, since the scheduler
+    step that consumes it must run in float32.
+    """
+
+    config: UNetConfig
+    dtype: jnp.dtype = jnp.float32
+    attention_impl: AttentionImpl = None
+
+    @nn.compact
+    def __call__(self, sample: jax.Array, timesteps: jax.Array | int | float,
+                 encoder_hidden_states: jax.Array) -> jax.Array:
+        cfg = self.config
+        b, h, w, c = sample.shape
+        f = cfg.downscale_factor
+        if h % f or w % f:
+            raise ValueError(f"unet: sample height and width must be multiples of {f}, got {h}x{w}")
+        if c != cfg.in_channels:
+            raise ValueError(f"unet: sample has {c} channels, the config says in_channels={cfg.in_channels}")
+        if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != cfg.context_dim:
+            raise ValueError(f"unet: encoder_hidden_states must be [B, T, {cfg.context_dim}], "
+                             f"got {tuple(encoder_hidden_states.shape)}")
+        t = jnp.asarray(timesteps)
+        if t.ndim > 1 or (t.ndim == 1 and t.shape[0] not in (1, b)):
+            raise ValueError(f"unet: timesteps must be a scalar or [{b}], got shape {tuple(t.shape)}")
+        t = jnp.broadcast_to(t.reshape(-1), (b,))
+
+        n = len(cfg.block_out_channels)
+        groups, eps = cfg.norm_num_groups, cfg.norm_eps
+        layers = cfg.resnets_per_block
+        depth = cfg.transformer_depths
+
+        def spec(i: int) -> TransformerSpec:
+            return TransformerSpec(cfg.heads[i], depth[i], cfg.use_linear_projection, cfg.upcast_attention)
+
+        temb_dim = cfg.time_embedding_dim or 4 * cfg.block_out_channels[0]
+        t_emb = timestep_embedding(t, cfg.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
+        temb = TimestepEmbedding(temb_dim, self.dtype, name="time_embedding")(t_emb.astype(self.dtype))
+
+        context = encoder_hidden_states.astype(self.dtype)
+        x = conv(cfg.block_out_channels[0], 3, self.dtype, "conv_in")(sample.astype(self.dtype))
+
+        skips = [x]
+        for i, kind in enumerate(cfg.down_block_types):
+            x, block_skips = DownBlock2D(
+                cfg.block_out_channels[i], layers[i], groups, eps, add_downsample=i < n - 1,
+                downsample_padding=cfg.downsample_padding,
+                transformer=spec(i) if kind == "CrossAttnDownBlock2D" else None,
+                dtype=self.dtype, attention_impl=self.attention_impl, name=f"down_blocks_{i}")(x, temb, context)
+            skips.extend(block_skips)
+
+        x = UNetMidBlock2DCrossAttn(spec(n - 1), groups, eps, self.dtype, self.attention_impl,
+                                    name="mid_block")(x, temb, context)
+
+        for i, kind in enumerate(cfg.up_block_types):
+            level = n - 1 - i
+            count = layers[level] + 1
+            block_skips, skips = skips[-count:], skips[:-count]
+            x = UpBlock2D(
+                cfg.block_out_channels[level], count, groups, eps, add_upsample=i < n - 1,
+                transformer=spec(level) if kind == "CrossAttnUpBlock2D" else None,
+                dtype=self.dtype, attention_impl=self.attention_impl, name=f"up_blocks_{i}")(x, block_skips, temb,
+                                                                                             context)
+
+        x = nn.silu(group_norm(groups, eps, self.dtype, "conv_norm_out")(x))
+        return conv(cfg.out_channels, 3, self.dtype, "conv_out")(x).astype(jnp.float32)
+
+
+def abstract_params(config: UNetConfig, dtype: jnp.dtype = jnp.float32) -> dict[str, Any]:
+    """The params tree as ``jax.ShapeDtypeStruct``s, traced without allocating weights."""
+    f = config.downscale_factor
+    sample = jax.ShapeDtypeStruct((1, f, f, config.in_channels), jnp.float32)
+    context = jax.ShapeDtypeStruct((1, 1, config.context_dim), jnp.float32)
+    timesteps = jax.ShapeDtypeStruct((1,), jnp.float32)
+    model = UNet2DConditionModel(config)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), sample, timesteps, context)["params"]
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes)
