@@ -77,6 +77,18 @@ def norm_rules(torch_prefix: str, flax_prefix: str) -> list[Rule]:
             Rule(f"{torch_prefix}.bias", _path(flax_prefix) + ("bias",))]
 
 
+def resnet_rules(torch_prefix: str, flax_prefix: str, has_shortcut: bool, time_emb: bool) -> list[Rule]:
+    """diffusers' ``ResnetBlock2D`` (layers.ResnetBlock2D); the VAE's have no time embedding."""
+    t, f = torch_prefix, flax_prefix
+    rules = norm_rules(f"{t}.norm1", f"{f}/norm1") + conv_rules(f"{t}.conv1", f"{f}/conv1")
+    if time_emb:
+        rules += linear_rules(f"{t}.time_emb_proj", f"{f}/time_emb_proj")
+    rules += norm_rules(f"{t}.norm2", f"{f}/norm2") + conv_rules(f"{t}.conv2", f"{f}/conv2")
+    if has_shortcut:
+        rules += conv_rules(f"{t}.conv_shortcut", f"{f}/conv_shortcut")
+    return rules
+
+
 def param_rule(torch_key: str, flax_path: str) -> Rule:
     return Rule(torch_key, _path(flax_path))
 
@@ -153,7 +165,13 @@ class _TorchFile:
             raise ConversionError(
                 f"{path}: reading .bin checkpoints needs PyTorch (pip install 'imvar-jax[torch]')") from None
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            try:
+                state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+            except RuntimeError as e:
+                # Pickles from before torch 1.6 are not zip archives and cannot be memory-mapped.
+                if "mmap" not in str(e):
+                    raise
+                state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises many types for damaged pickles/zips
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ConversionError(f"{path}: cannot load PyTorch checkpoint ({first})") from None

@@ -2,17 +2,13 @@
 
 from __future__ import annotations
 
-from imvar_jax.convert.common import ComponentSpec, Rule, conv_rules, linear_rules, norm_rules
 from imvar_jax.models.unet import UNetConfig, abstract_params
+
+from .common import ComponentSpec, Rule, conv_rules, linear_rules, norm_rules, resnet_rules
 
 
 def _resnet(t: str, f: str, has_shortcut: bool) -> list[Rule]:
-    rules = (norm_rules(f"{t}.norm1", f"{f}/norm1") + conv_rules(f"{t}.conv1", f"{f}/conv1")
-             + linear_rules(f"{t}.time_emb_proj", f"{f}/time_emb_proj")
-             + norm_rules(f"{t}.norm2", f"{f}/norm2") + conv_rules(f"{t}.conv2", f"{f}/conv2"))
-    if has_shortcut:
-        rules += conv_rules(f"{t}.conv_shortcut", f"{f}/conv_shortcut")
-    return rules
+    return resnet_rules(t, f, has_shortcut, time_emb=True)
 
 
 def _attention(t: str, f: str) -> list[Rule]:

@@ -4,15 +4,11 @@ from __future__ import annotations
 
 from imvar_jax.models.vae import VAEConfig, abstract_params
 
-from .common import ComponentSpec, Rule, conv_rules, linear_rules, norm_rules
+from .common import ComponentSpec, Rule, conv_rules, linear_rules, norm_rules, resnet_rules
 
 
 def _resnet(t: str, f: str, in_channels: int, out_channels: int) -> list[Rule]:
-    rules = (norm_rules(f"{t}.norm1", f"{f}/norm1") + conv_rules(f"{t}.conv1", f"{f}/conv1")
-             + norm_rules(f"{t}.norm2", f"{f}/norm2") + conv_rules(f"{t}.conv2", f"{f}/conv2"))
-    if in_channels != out_channels:
-        rules += conv_rules(f"{t}.conv_shortcut", f"{f}/conv_shortcut")
-    return rules
+    return resnet_rules(t, f, in_channels != out_channels, time_emb=False)
 
 
 def _mid_block(t: str, f: str, channels: int, attention: bool) -> list[Rule]:

@@ -233,3 +233,16 @@ def test_resolve_source_errors(tmp_path, monkeypatch):
     with pytest.raises(ConversionError, match="cannot fetch from the hub") as e:
         resolve_source("someone/not-cached", revision="v2.0")
     assert "\n" not in str(e.value)
+
+
+def test_legacy_non_zip_bin(torch_pipe, tiny_src, tmp_path):
+    """Pickles written before torch 1.6 are not zip archives and cannot be memory-mapped."""
+    src = tmp_path / "src"
+    shutil.copytree(tiny_src, src)
+    (src / "vae" / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save(torch_pipe.vae.state_dict(), src / "vae" / "diffusion_pytorch_model.bin",
+               _use_new_zipfile_serialization=False)
+    got = {n: _flat(p) for n, _, p in iter_torch_components(src)}["vae"]
+    ref = {n: _flat(p) for n, _, p in iter_torch_components(tiny_src)}["vae"]
+    for k in ref:
+        np.testing.assert_array_equal(got[k], ref[k], err_msg=k)
