@@ -9,12 +9,12 @@ fills and a shape that disagrees are all errors that name the key.
 from __future__ import annotations
 
 import json
-import mmap
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping
 
+import jax
 import ml_dtypes
 import numpy as np
 
@@ -105,7 +105,11 @@ _ST_DTYPES = {
 
 
 class _SafetensorsFile:
-    """A memory-mapped ``.safetensors`` file, read with numpy (bfloat16 included, no torch)."""
+    """A ``.safetensors`` file read tensor by tensor with numpy (bfloat16 included, no torch).
+
+    Reads use ``pread`` rather than a memory map: mapped pages would stay resident and
+    count against the process, so converting would hold the file and the result at once.
+    """
 
     def __init__(self, path: Path):
         self.path = path
@@ -119,7 +123,6 @@ class _SafetensorsFile:
                 if n > size - 8 or n > 100_000_000:
                     raise ConversionError(f"{path}: not a safetensors file or truncated (header length {n})")
                 header = json.loads(f.read(n))
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise ConversionError(f"{path}: not a safetensors file (unreadable header)") from None
         except OSError as e:
@@ -147,11 +150,15 @@ class _SafetensorsFile:
         return self._entries[key][1]
 
     def load(self, key: str) -> np.ndarray:
-        dtype, shape, begin, _ = self._entries[key]
-        count = int(np.prod(shape))
-        if count == 0:
-            return np.zeros(shape, dtype)
-        return np.frombuffer(self._mm, dtype=dtype, count=count, offset=begin).reshape(shape)
+        dtype, shape, begin, end = self._entries[key]
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            data = os.pread(fd, end - begin, begin)
+        finally:
+            os.close(fd)
+        if len(data) != end - begin:
+            raise ConversionError(f"{self.path}: truncated while reading tensor '{key}'")
+        return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
 class _TorchFile:
@@ -321,21 +328,23 @@ def plan(component: str, table: list[Rule], torch_shapes: Mapping[str, tuple[int
 
 def apply_table(component: str, table: list[Rule], source: TensorSource, expected: Mapping[str, Any],
                 dtype: Any = np.float32, ignored: Iterable[str] = ()) -> dict[str, Any]:
-    """Convert one component's tensors into a nested dict of numpy arrays of ``dtype``.
+    """Convert one component's tensors into a nested dict of host (CPU) JAX arrays of ``dtype``.
 
-    Tensors are read one at a time from memory-mapped files, so peak memory is about
-    the converted component plus one tensor.
+    Tensors are read and converted one at a time, so peak memory is about the converted
+    component plus one tensor. JAX arrays rather than numpy ones because orbax saves
+    them without staging a second host copy of the whole tree.
     """
     steps = plan(component, table, {k: source.shape(k) for k in source.keys()}, expected, ignored,
                  source.describe())
     dtype = np.dtype(dtype)
+    cpu = jax.devices("cpu")[0]
     flat = {}
     for rule, key in steps:
         _, array_map = _LAYOUTS[rule.layout]
         a = source.load(key)
         if not np.issubdtype(a.dtype, np.floating) and a.dtype != ml_dtypes.bfloat16:
             raise ConversionError(f"{component}: tensor '{key}' has dtype {a.dtype}, expected floating point")
-        flat[rule.flax_path] = np.ascontiguousarray(array_map(a).astype(np.float32).astype(dtype))
+        flat[rule.flax_path] = jax.device_put(np.ascontiguousarray(array_map(a).astype(np.float32).astype(dtype)), cpu)
     return _unflatten(flat)
 
 

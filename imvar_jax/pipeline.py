@@ -1,12 +1,13 @@
-"""User API: load a checkpoint and run the model pieces in diffusers' public layouts."""
+"""User API: load a checkpoint, generate variations, and run the model pieces in diffusers' layouts."""
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -23,6 +24,12 @@ from .models.clip_vision import CLIPVisionModelWithProjection
 from .models.safety_checker import SafetyChecker
 from .models.unet import UNet2DConditionModel
 from .models.vae import AutoencoderKL, sample_latent
+from .parallel import image_keys, is_replicated, pad_batch, replicate, shard, unreplicate
+from .preprocessing import prepare_inputs, to_pil
+from .sampling import Models, SampleOptions, sample
+from .schedulers import SCHEDULERS, make_scheduler
+
+log = logging.getLogger(__name__)
 
 
 def _nchw_to_nhwc(x: jax.Array) -> jax.Array:
@@ -35,6 +42,22 @@ def _nhwc_to_nchw(x: jax.Array) -> jax.Array:
 
 def _read_optional_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+# The checkpoint's own scheduler, for folders that lack scheduler/scheduler_config.json.
+SD_V1_SCHEDULER_CONFIG = {
+    "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000, "skip_prk_steps": True, "steps_offset": 1, "set_alpha_to_one": False,
+}
+
+
+@dataclass
+class ImageVariationOutput:
+    """``images``: float32 ``[N*k, H, W, 3]`` in [0, 1] (or PIL images), input-major;
+    ``nsfw_content_detected``: one bool per picture, or None without a safety checker."""
+
+    images: Any
+    nsfw_content_detected: list[bool] | None
 
 
 @dataclass
@@ -53,7 +76,12 @@ class ImageVariationPipeline:
     scheduler_config: dict[str, Any] | None = None
     feature_extractor_config: dict[str, Any] | None = None
     dtype: Any = jnp.float32
+    scheduler_name: str = "pndm"
     _jitted: dict[str, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
+    _callback: Callable[..., None] | None = field(default=None, init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self.scheduler = make_scheduler(self.scheduler_name, self.scheduler_config or SD_V1_SCHEDULER_CONFIG)
 
     @property
     def vae_scale_factor(self) -> int:
@@ -61,24 +89,31 @@ class ImageVariationPipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike = "lambdalabs/sd-image-variations-diffusers", *,
-                        dtype: Any = jnp.float32, revision: str | None = None, safety_checker: bool = True,
-                        attention_impl: str | None = None) -> tuple["ImageVariationPipeline", dict[str, Any]]:
+                        scheduler: str = "pndm", dtype: Any = jnp.float32, revision: str | None = None,
+                        safety_checker: bool = True, attention_impl: str | None = None,
+                        ) -> tuple["ImageVariationPipeline", dict[str, Any]]:
         """Load a converted Flax folder, a PyTorch diffusers folder (converted in memory) or a hub id.
 
-        ``dtype`` is the dtype of params and activations. Returns ``(pipeline, params)``.
+        ``scheduler`` is one of ``"pndm"``, ``"ddim"``, ``"lms"``, configured from the checkpoint's
+        scheduler config; ``dtype`` is the dtype of params and activations. Returns ``(pipeline, params)``.
         """
+        if scheduler not in SCHEDULERS:
+            raise ValueError(f"scheduler: unknown {scheduler!r} (choose one of {', '.join(SCHEDULERS)})")
         np_dtype = parse_dtype(dtype)
         root = resolve_source(path, revision)
         loader = load_converted if is_converted(root) else iter_torch_components
         configs: dict[str, Any] = {}
         params: dict[str, Any] = {}
+        device = jax.local_devices()[0]
         for name, config, p in loader(root, np_dtype, include_safety_checker=safety_checker):
             configs[name] = config
-            params[name] = jax.tree.map(jnp.asarray, p)
+            params[name] = jax.device_put(p, device)
         jdtype = jnp.dtype(np_dtype)
         pipe = cls(
             unet=UNet2DConditionModel(configs["unet"], dtype=jdtype, attention_impl=attention_impl),
-            vae=AutoencoderKL(configs["vae"], dtype=jdtype, attention_impl=attention_impl),
+            # The VAE's one 512-wide float32 head is outside what cuDNN's fused attention takes.
+            vae=AutoencoderKL(configs["vae"], dtype=jdtype,
+                              attention_impl=None if attention_impl == "cudnn" else attention_impl),
             image_encoder=CLIPVisionModelWithProjection(configs["image_encoder"], dtype=jdtype,
                                                         attention_impl=attention_impl),
             safety_checker=(SafetyChecker(configs["safety_checker"], dtype=jdtype, attention_impl=attention_impl)
@@ -86,7 +121,11 @@ class ImageVariationPipeline:
             scheduler_config=_read_optional_json(root / "scheduler" / "scheduler_config.json"),
             feature_extractor_config=_read_optional_json(root / "feature_extractor" / "preprocessor_config.json"),
             dtype=jdtype,
+            scheduler_name=scheduler,
         )
+        if pipe.safety_checker is None:
+            log.warning("The safety checker is disabled: generated pictures are not filtered. Keep it on in "
+                        "anything public facing (the Stable Diffusion license asks for it).")
         return pipe, params
 
     def _jit(self, name: str, fn):
@@ -147,3 +186,144 @@ class ImageVariationPipeline:
             return flags
 
         return np.asarray(self._jit("check_safety", run)(params["safety_checker"], jnp.asarray(pixel_values)))
+
+    # ------------------------------------------------------------------
+    # Generation
+    # ------------------------------------------------------------------
+
+    def _host_callback(self, step, timestep, latents) -> None:
+        if self._callback is not None:
+            self._callback(int(step), int(timestep), np.asarray(latents))
+
+    def _program(self, opts: SampleOptions, parallel: bool):
+        """One compiled program per static option set; jit and pmap keep their own shape caches."""
+        key = (opts, parallel)
+        if key not in self._jitted:
+            models = Models(self.unet, self.vae, self.image_encoder)
+
+            def run(params, pixel_values, keys, latents, guidance_scale, eta, sched_state, every, warmup):
+                return sample(models, opts, params, pixel_values, keys, latents, guidance_scale, eta, sched_state,
+                              every, warmup, self._host_callback)
+
+            if parallel:
+                self._jitted[key] = jax.pmap(run, in_axes=(0, 0, 0, 0 if opts.latents_given else None,
+                                                           None, None, None, None, None))
+            else:
+                self._jitted[key] = jax.jit(run)
+        return self._jitted[key]
+
+    def _size(self, height: int | None, width: int | None) -> tuple[int, int]:
+        f = self.vae_scale_factor
+        sample_size = self.unet.config.sample_size
+        default = sample_size if isinstance(sample_size, int) else sample_size[0]
+        height = default * f if height is None else height
+        width = default * f if width is None else width
+        for name, v in (("height", height), ("width", width)):
+            if not isinstance(v, (int, np.integer)) or v <= 0 or v % f:
+                raise ValueError(f"{name}: {v!r} is not a positive multiple of {f} (the VAE's downsampling factor)")
+        return int(height), int(width)
+
+    def __call__(self, pixel_values: Any, params: dict[str, Any], prng_seed: int | jax.Array,
+                 num_inference_steps: int = 50, guidance_scale: float = 7.5, num_images_per_prompt: int = 1,
+                 height: int | None = None, width: int | None = None, latents: Any = None, eta: float = 0.0,
+                 jit: bool = False, output_type: str = "np", callback: Callable[[int, int, np.ndarray], None] | None = None,
+                 callback_steps: int = 1) -> ImageVariationOutput:
+        """Generate ``num_images_per_prompt`` variations of each input picture.
+
+        ``jit=False``: ``pixel_values`` ``[N, 3, S, S]``, plain ``params``, one device.
+        ``jit=True``: ``pixel_values`` from ``shard`` (``[D, N/D, 3, S, S]``), ``params`` from
+        ``replicate``; runs the pmap'd program. Picture ``i*k + j`` is variation j of input i and
+        its noise comes from ``fold_in(prng_seed, i*k + j)`` in both modes. ``latents``
+        (``[N*k, C, h, w]``, sharded likewise with ``jit=True``) replace the drawn starting noise.
+        ``callback(step, timestep, latents)`` is called from inside the compiled loop (once per
+        device with that device's latents when ``jit=True``).
+        """
+        k = num_images_per_prompt
+        if not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"num_images_per_prompt: expected a positive int, got {k!r}")
+        if not isinstance(num_inference_steps, (int, np.integer)) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps: expected a positive int, got {num_inference_steps!r}")
+        if not isinstance(callback_steps, (int, np.integer)) or callback_steps < 1:
+            raise ValueError(f"callback_steps: expected a positive int, got {callback_steps!r}")
+        if output_type not in ("np", "pil"):
+            raise ValueError(f"output_type: expected 'np' or 'pil', got {output_type!r}")
+        height, width = self._size(height, width)
+        f = self.vae_scale_factor
+        lead = 2 if jit else 1
+        s = self.image_encoder.config.image_size
+        pixel_values = np.asarray(pixel_values, np.float32) if not isinstance(pixel_values, jax.Array) else pixel_values
+        if pixel_values.ndim != lead + 3 or pixel_values.shape[lead:] != (3, s, s):
+            want = "[D, N/D, 3, S, S] from shard()" if jit else "[N, 3, S, S]"
+            raise ValueError(f"pixel_values: expected {want} with S={s}, got shape {tuple(pixel_values.shape)}")
+        batch = pixel_values.shape[:lead]  # (N,) or (D, N/D)
+        n_out = int(np.prod(batch)) * k
+        latent_shape = (self.unet.config.in_channels, height // f, width // f)
+        if latents is not None:
+            latents = np.asarray(latents, np.float32) if not isinstance(latents, jax.Array) else latents
+            want_shape = (*batch[:-1], batch[-1] * k, *latent_shape)
+            if tuple(latents.shape) != want_shape:
+                raise ValueError(f"latents: expected shape {want_shape} (N*k, C, H/{f}, W/{f}), "
+                                 f"got {tuple(latents.shape)}")
+        if jit and not is_replicated(params):
+            raise ValueError("params: jit=True expects params from imvar_jax.replicate(params)")
+
+        keys = image_keys(prng_seed, n_out).reshape(*batch[:-1], batch[-1] * k)
+        do_cfg = guidance_scale > 1.0
+        opts = SampleOptions(num_images_per_prompt=int(k), latent_size=latent_shape[1:], do_cfg=do_cfg,
+                             latents_given=latents is not None, with_callback=callback is not None,
+                             scheduler=self.scheduler)
+        sched_state = self.scheduler.set_timesteps(int(num_inference_steps),
+                                                   (batch[-1] * k, *latent_shape[1:], latent_shape[0]))
+        warmup = sched_state.timesteps.shape[0] - int(num_inference_steps)
+        self._callback = callback
+        try:
+            images = self._program(opts, jit)(
+                params, pixel_values, keys, latents, jnp.float32(guidance_scale), jnp.float32(eta), sched_state,
+                jnp.int32(callback_steps), jnp.int32(warmup))
+            images = np.array(images).reshape(n_out, height, width, 3)  # writable: flagged ones are blacked out
+        finally:
+            self._callback = None
+
+        nsfw = None
+        if self.safety_checker is not None and "safety_checker" in params:
+            checker_params = unreplicate(params["safety_checker"]) if jit else params["safety_checker"]
+            flags = self.check_safety({"safety_checker": checker_params}, self._safety_inputs(images))
+            images[flags] = 0.0
+            nsfw = [bool(x) for x in flags]
+        return ImageVariationOutput(images=to_pil(images) if output_type == "pil" else images,
+                                    nsfw_content_detected=nsfw)
+
+    def _safety_inputs(self, images: np.ndarray) -> np.ndarray:
+        """The safety checker sees what diffusers gives it: 8-bit pictures through the CLIP processor."""
+        return prepare_inputs(to_pil(images), "clip", feature_extractor_config=self.feature_extractor_config,
+                              size=self.safety_checker.config.vision_config.image_size)
+
+    def generate(self, images: Any, params: dict[str, Any], seed: int | jax.Array = 0,
+                 num_images_per_prompt: int = 1, preprocessing: str = "v2", latents: Any = None,
+                 devices: Sequence[jax.Device] | None = None, **kwargs: Any) -> ImageVariationOutput:
+        """Prepare ``images``, spread them over every local device, generate, and return the flat output.
+
+        ``images``: anything ``prepare_inputs`` accepts (PIL images, arrays, pixel values).
+        ``params``: plain (replicated here) or already from ``replicate``. Other keyword
+        arguments are those of ``__call__``. Pictures equal a ``jit=False`` call with the same seed.
+        """
+        devices = list(devices or jax.local_devices())
+        d = len(devices)
+        pixel_values = prepare_inputs(images, preprocessing, size=self.image_encoder.config.image_size,
+                                      feature_extractor_config=self.feature_extractor_config)
+        n = pixel_values.shape[0]
+        k = num_images_per_prompt
+        padded = pad_batch(pixel_values, d)
+        if latents is not None:
+            latents = np.asarray(latents, np.float32)
+            if latents.shape[0] != n * k:
+                raise ValueError(f"latents: expected {n * k} (inputs x num_images_per_prompt), got {latents.shape[0]}")
+            latents = shard(pad_batch(latents.reshape(n, k, *latents.shape[1:]), d)
+                            .reshape(padded.shape[0] * k, *latents.shape[1:]), d)
+        if not is_replicated(params, devices):
+            params = replicate(params, devices)
+        out = self(shard(padded, d), params, seed, num_images_per_prompt=k, latents=latents, jit=True, **kwargs)
+        keep = n * k
+        return ImageVariationOutput(images=out.images[:keep],
+                                    nsfw_content_detected=None if out.nsfw_content_detected is None
+                                    else out.nsfw_content_detected[:keep])

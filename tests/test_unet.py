@@ -16,6 +16,7 @@ from helpers import assert_close, randomize_, save_torch
 from imvar_jax.convert.common import convert_component, plan
 from imvar_jax.convert.unet import SPEC, table
 from imvar_jax.models.config import ConfigError, to_dict
+from imvar_jax.models.layers import nearest_source_indices
 from imvar_jax.models.unet import UNet2DConditionModel, UNetConfig, abstract_params
 
 CONFIGS = {
@@ -39,6 +40,10 @@ INPUTS = {
     "deep": dict(size=(12, 8), tokens=3, timesteps=np.array([10.5, 999.0], np.float32)),
 }
 OTHER_TOKENS = {"tiny": 4, "deep": 1}
+# Latent sizes that are not multiples of the downscale factor (2 for tiny, 4 for deep): the
+# downsamplers round (ceil for tiny's padding 1, floor for deep's padding 0) and the upsamplers
+# must resize to the skips' sizes, by a plain doubling on some levels and a gather on others.
+ODD_SIZES = [(9, 13), (5, 7)]
 
 SD_V1_PARAMS = 859_520_964
 SD_V1_TENSORS = 686
@@ -58,10 +63,10 @@ def _torch_model(cfg: UNetConfig, seed: int = 0) -> TorchUNet:
     return randomize_(TorchUNet(**to_dict(cfg)), seed=seed)
 
 
-def _inputs(name: str, tokens: int | None = None):
+def _inputs(name: str, tokens: int | None = None, size: tuple[int, int] | None = None):
     cfg, spec = CONFIGS[name], INPUTS[name]
     rng = np.random.default_rng(1)
-    h, w = spec["size"]
+    h, w = size or spec["size"]
     sample = rng.standard_normal((2, cfg.in_channels, h, w)).astype(np.float32)  # NCHW, as torch takes it
     context = rng.standard_normal((2, tokens or spec["tokens"], cfg.context_dim)).astype(np.float32)
     return sample, spec["timesteps"], context
@@ -120,6 +125,35 @@ def test_other_sequence_length(reference, tmp_path):
     sample, timesteps, context = _inputs(name, OTHER_TOKENS[name])
     ref = _reference(model, sample, timesteps, context)
     assert_close(_jitted(cfg)(params, _nhwc(sample), timesteps, context), ref, what=f"{name} tokens")
+
+
+@pytest.mark.parametrize("reference", list(CONFIGS), indirect=True)
+def test_sizes_not_multiple_of_downscale_factor(reference, tmp_path):
+    """Odd latent sizes (e.g. SD-v1 at 520 pixels, latent 65) match diffusers' forward_upsample_size path."""
+    name, cfg, model = reference
+    save_torch(model, tmp_path)
+    _, params = convert_component(SPEC, tmp_path)
+    for size in ODD_SIZES:
+        assert size[0] % cfg.downscale_factor and size[1] % cfg.downscale_factor
+        sample, timesteps, context = _inputs(name, size=size)
+        ref = _reference(model, sample, timesteps, context)
+        out = _jitted(cfg)(params, _nhwc(sample), timesteps, context)
+        assert out.shape == ref.shape
+        assert_close(out, ref, what=f"{name} {size}")
+
+
+def test_nearest_indices_match_torch():
+    """torch's nearest resize to an explicit size.
+
+    The range holds SD-v1's 9->17, 17->33, 33->65 (a 520-pixel image) and 13 pairs where computing
+    the ratio in float64 instead of torch's float32 would pick a different source pixel.
+    """
+    for in_size in range(1, 40):
+        x = torch.arange(in_size, dtype=torch.float32).view(1, 1, 1, in_size)
+        for out_size in range(in_size, 3 * in_size + 2):
+            ref = torch.nn.functional.interpolate(x, size=(1, out_size), mode="nearest")[0, 0, 0].long().numpy()
+            np.testing.assert_array_equal(nearest_source_indices(in_size, out_size), ref,
+                                          err_msg=f"{in_size} -> {out_size}")
 
 
 @pytest.mark.parametrize("reference", ["tiny"], indirect=True)
@@ -189,8 +223,8 @@ def test_bad_inputs_raise():
     params = abstract_params(cfg)
     model = UNet2DConditionModel(cfg)
     x = _nhwc(sample)
-    with pytest.raises(ValueError, match="multiples of 4, got 12x6"):
-        jax.eval_shape(lambda p: model.apply({"params": p}, x[:, :, :6], timesteps, context), params)
+    odd = jax.eval_shape(lambda p: model.apply({"params": p}, x[:, :11, :6], timesteps, context), params)
+    assert odd.shape == (2, 11, 6, cfg.out_channels)
     with pytest.raises(ValueError, match="encoder_hidden_states"):
         jax.eval_shape(lambda p: model.apply({"params": p}, x, timesteps, context[..., :4]), params)
     with pytest.raises(ValueError, match="timesteps"):

@@ -122,7 +122,7 @@ def test_logvar_is_clamped(tmp_path):
     encode, _ = _jitted(cfg)
     n = cfg.latent_channels
     for offset, bound in ((1e4, 20.0), (-1e4, -30.0)):
-        bias = params["quant_conv"]["bias"].copy()
+        bias = np.array(params["quant_conv"]["bias"])
         bias[n:] += offset
         shifted = {**params, "quant_conv": {**params["quant_conv"], "bias": bias}}
         _, logvar = encode(shifted, _nhwc(images))

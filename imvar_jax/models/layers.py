@@ -7,9 +7,16 @@ from typing import Literal
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-# None lets JAX pick; "xla" and "cudnn" force one (see jax.nn.dot_product_attention).
-AttentionImpl = Literal["xla", "cudnn"] | None
+# None picks per backend: "chunked" for long sequences on CPU, else JAX's own choice.
+# "xla" and "cudnn" force jax.nn.dot_product_attention's implementation; "chunked" is ours.
+AttentionImpl = Literal["xla", "cudnn", "chunked"] | None
+
+# Below this many scores per head XLA:CPU's fused attention is as fast as chunking.
+_CPU_CHUNK_MIN_SCORES = 512 * 512
+# Query rows per chunk: a [512, Tk] float32 score block stays in cache for SD's sequence lengths.
+_QUERY_CHUNK = 512
 
 
 def group_norm(num_groups: int, epsilon: float, dtype: jnp.dtype, name: str) -> nn.GroupNorm:
@@ -41,11 +48,49 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: i
     out_dtype = q.dtype
     if upcast:
         q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
+    if implementation is None and jax.default_backend() == "cpu" and tq * tk >= _CPU_CHUNK_MIN_SCORES:
+        implementation = "chunked"
+    if implementation == "chunked":
+        return _chunked_attention(q, k, v, num_heads).astype(out_dtype)
     q = q.reshape(b, tq, num_heads, head_dim)  # [B, Tq, N, H]
     k = k.reshape(b, tk, num_heads, head_dim)  # [B, Tk, N, H]
     v = v.reshape(b, tk, num_heads, head_dim)
     out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
     return out.reshape(b, tq, c).astype(out_dtype)  # [B, Tq, C]
+
+
+def _chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int) -> jax.Array:
+    """Softmax attention one head and one block of queries at a time.
+
+    On XLA:CPU the fused form materialises every head's full score matrix (1 GiB for SD's
+    64x64 latents) and runs memory-bound; a loop over heads and query blocks keeps each
+    score block in cache and was 3-6x faster at SD's sizes, with the same math.
+    """
+    b, tq, c = q.shape
+    tk = k.shape[1]
+    h = c // num_heads
+    chunk = min(_QUERY_CHUNK, tq)
+    pad = -tq % chunk
+    scale = jnp.asarray(h ** -0.5, q.dtype)
+    qh = jnp.pad(q * scale, ((0, 0), (0, pad), (0, 0))).reshape(b, tq + pad, num_heads, h)
+    qh = qh.transpose(0, 2, 1, 3).reshape(b * num_heads, (tq + pad) // chunk, chunk, h)  # [BN, Tq/c, c, H]
+    kh = k.reshape(b, tk, num_heads, h).transpose(0, 2, 3, 1).reshape(b * num_heads, h, tk)  # [BN, H, Tk]
+    vh = v.reshape(b, tk, num_heads, h).transpose(0, 2, 1, 3).reshape(b * num_heads, tk, h)  # [BN, Tk, H]
+
+    def head(args):
+        q_blocks, kt, vv = args
+
+        def block(qb):
+            s = jnp.matmul(qb, kt, preferred_element_type=jnp.float32)  # [c, Tk]
+            p = jnp.exp(s - s.max(axis=-1, keepdims=True))
+            out = jnp.matmul(p.astype(vv.dtype), vv, preferred_element_type=jnp.float32)  # [c, H]
+            return out / p.sum(axis=-1, keepdims=True)
+
+        return jax.lax.map(block, q_blocks)
+
+    out = jax.lax.map(head, (qh, kh, vh))  # [BN, Tq/c, c, H]
+    out = out.reshape(b, num_heads, tq + pad, h)[:, :, :tq].transpose(0, 2, 1, 3)  # [B, Tq, N, H]
+    return out.reshape(b, tq, c)
 
 
 class ResnetBlock2D(nn.Module):
@@ -86,13 +131,39 @@ class Downsample2D(nn.Module):
         return conv(self.out_channels, 3, self.dtype, "conv", stride=2, padding=self.padding)(x)
 
 
+def nearest_source_indices(in_size: int, out_size: int) -> np.ndarray:
+    """The input index torch's ``F.interpolate(size=..., mode="nearest")`` reads for each output index.
+
+    torch computes ``floor(dst * (in / out))`` with the ratio and the product in float32; float64
+    picks a different source for some sizes, so the float32 rounding is reproduced here.
+    """
+    scale = np.float32(in_size) / np.float32(out_size)
+    src = np.floor(np.arange(out_size, dtype=np.float32) * scale).astype(np.int64)
+    return np.minimum(src, in_size - 1)
+
+
+def _resize_nearest(x: jax.Array, out_size: int, axis: int) -> jax.Array:
+    in_size = x.shape[axis]
+    if out_size == in_size:
+        return x
+    if out_size == 2 * in_size:
+        return jnp.repeat(x, 2, axis=axis)
+    return jnp.take(x, nearest_source_indices(in_size, out_size), axis=axis)
+
+
 class Upsample2D(nn.Module):
-    """Nearest-neighbour 2x upsampling then a 3x3 conv."""
+    """Nearest-neighbour upsampling then a 3x3 conv.
+
+    Without ``output_size`` it doubles height and width; with it, it resizes to that ``(H, W)``
+    as torch's nearest interpolation does (the UNet's odd-sized skips need it).
+    """
 
     out_channels: int
     dtype: jnp.dtype = jnp.float32
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
-        x = jnp.repeat(jnp.repeat(x, 2, axis=1), 2, axis=2)  # [B, 2H, 2W, C]
+    def __call__(self, x: jax.Array, output_size: tuple[int, int] | None = None) -> jax.Array:
+        # x: [B, H, W, C]
+        h, w = output_size if output_size is not None else (2 * x.shape[1], 2 * x.shape[2])
+        x = _resize_nearest(_resize_nearest(x, h, axis=1), w, axis=2)  # [B, h, w, C]
         return conv(self.out_channels, 3, self.dtype, "conv")(x)

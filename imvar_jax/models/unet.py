@@ -154,7 +154,7 @@ class UNetConfig:
 
     @property
     def downscale_factor(self) -> int:
-        """Latent height and width must be multiples of this (one halving per downsampler)."""
+        """The total downsampling, one halving per downsampler (odd sizes round, see the model)."""
         return 2 ** (len(self.block_out_channels) - 1)
 
     @classmethod
@@ -209,7 +209,9 @@ class TimestepEmbedding(nn.Module):
 class UNet2DConditionModel(nn.Module):
     """Predicts the noise in ``sample`` at ``timesteps`` given ``encoder_hidden_states``.
 
-    ``sample`` is NHWC ``[B, H, W, in_channels]`` with H and W multiples of
+    ``sample`` is NHWC ``[B, H, W, in_channels]`` of any size: each downsampler takes H to
+    ceil(H/2) (floor(H/2) with ``downsample_padding=0``), and each upsampler resizes to the size of
+    the skip it meets next, as diffusers does when H or W is not a multiple of
     ``config.downscale_factor``; ``timesteps`` a scalar or ``[B]`` (int or float);
     ``encoder_hidden_states`` ``[B, T, config.context_dim]`` (T is 1 for image variations).
     Returns ``[B, H, W, out_channels]`` in float32 whatever ``dtype``, since the scheduler
@@ -224,10 +226,7 @@ class UNet2DConditionModel(nn.Module):
     def __call__(self, sample: jax.Array, timesteps: jax.Array | int | float,
                  encoder_hidden_states: jax.Array) -> jax.Array:
         cfg = self.config
-        b, h, w, c = sample.shape
-        f = cfg.downscale_factor
-        if h % f or w % f:
-            raise ValueError(f"unet: sample height and width must be multiples of {f}, got {h}x{w}")
+        b, _, _, c = sample.shape
         if c != cfg.in_channels:
             raise ValueError(f"unet: sample has {c} channels, the config says in_channels={cfg.in_channels}")
         if encoder_hidden_states.ndim != 3 or encoder_hidden_states.shape[-1] != cfg.context_dim:
@@ -269,11 +268,15 @@ class UNet2DConditionModel(nn.Module):
             level = n - 1 - i
             count = layers[level] + 1
             block_skips, skips = skips[-count:], skips[:-count]
+            add_upsample = i < n - 1
+            # The upsampled activation is concatenated with the next block's first skip, so it must
+            # take that skip's size, which is not twice the current one when a downsampler rounded.
+            upsample_size = skips[-1].shape[1:3] if add_upsample else None
             x = UpBlock2D(
-                cfg.block_out_channels[level], count, groups, eps, add_upsample=i < n - 1,
+                cfg.block_out_channels[level], count, groups, eps, add_upsample=add_upsample,
                 transformer=spec(level) if kind == "CrossAttnUpBlock2D" else None,
                 dtype=self.dtype, attention_impl=self.attention_impl, name=f"up_blocks_{i}")(x, block_skips, temb,
-                                                                                             context)
+                                                                                             context, upsample_size)
 
         x = nn.silu(group_norm(groups, eps, self.dtype, "conv_norm_out")(x))
         return conv(cfg.out_channels, 3, self.dtype, "conv_out")(x).astype(jnp.float32)

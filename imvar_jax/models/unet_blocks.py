@@ -194,6 +194,7 @@ class UpBlock2D(nn.Module):
 
     ``skips`` holds exactly ``num_layers`` skip activations; they are used last-first, each
     concatenated after the running activation on the channel axis, as torch.cat([h, skip], dim=1).
+    ``upsample_size`` is the ``(H, W)`` the upsampler produces (default: twice the input's).
     """
 
     out_channels: int
@@ -206,7 +207,8 @@ class UpBlock2D(nn.Module):
     attention_impl: AttentionImpl = None
 
     @nn.compact
-    def __call__(self, x: jax.Array, skips: list[jax.Array], temb: jax.Array, context: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, skips: list[jax.Array], temb: jax.Array, context: jax.Array,
+                 upsample_size: tuple[int, int] | None = None) -> jax.Array:
         if len(skips) != self.num_layers:
             raise ValueError(f"up block needs {self.num_layers} skip activations, got {len(skips)}")
         for i in range(self.num_layers):
@@ -216,5 +218,5 @@ class UpBlock2D(nn.Module):
                 x = Transformer2DModel(self.transformer, self.groups, self.dtype, self.attention_impl,
                                        name=f"attentions_{i}")(x, context)
         if self.add_upsample:
-            x = Upsample2D(self.out_channels, self.dtype, name="upsamplers_0")(x)
+            x = Upsample2D(self.out_channels, self.dtype, name="upsamplers_0")(x, upsample_size)
         return x

@@ -1,0 +1,75 @@
+"""Devices: replicate params, shard batches, and per-picture PRNG keys that ignore the device count."""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import jax_utils
+
+
+def replicate(tree: Any, devices: Sequence[jax.Device] | None = None) -> Any:
+    """One copy of ``tree`` per local device, stacked on a new leading axis (for ``pmap``)."""
+    return jax_utils.replicate(tree, devices)
+
+
+def unreplicate(tree: Any) -> Any:
+    return jax_utils.unreplicate(tree)
+
+
+def is_replicated(tree: Any, devices: Sequence[jax.Device] | None = None) -> bool:
+    """Whether ``tree``'s leaves are spread over every device as ``replicate`` leaves them."""
+    devices = list(devices or jax.local_devices())
+    leaf = jax.tree.leaves(tree)[0]
+    sharding = getattr(leaf, "sharding", None)
+    return (sharding is not None and leaf.shape[:1] == (len(devices),)
+            and set(sharding.device_set) == set(devices))
+
+
+def shard(x: Any, num_devices: int | None = None) -> Any:
+    """Split the leading axis ``[B, ...]`` into ``[D, B // D, ...]``; B must divide by D."""
+    d = num_devices or jax.local_device_count()
+
+    def split(a):
+        if a.shape[0] % d:
+            raise ValueError(f"shard: batch of {a.shape[0]} does not divide by {d} devices (pad it first)")
+        return a.reshape(d, a.shape[0] // d, *a.shape[1:])  # [D, B/D, ...]
+
+    return jax.tree.map(split, x)
+
+
+def unshard(x: Any) -> Any:
+    """Merge ``[D, B/D, ...]`` back into ``[B, ...]``."""
+    return jax.tree.map(lambda a: a.reshape(a.shape[0] * a.shape[1], *a.shape[2:]), x)
+
+
+def pad_batch(x: np.ndarray, multiple: int) -> np.ndarray:
+    """Repeat the last item until the leading axis divides by ``multiple`` (results are trimmed later)."""
+    extra = -x.shape[0] % multiple
+    if extra == 0:
+        return x
+    return np.concatenate([x, np.repeat(x[-1:], extra, axis=0)])
+
+
+def as_key(seed: int | jax.Array) -> jax.Array:
+    """An int seed or a PRNG key (typed or raw ``uint32[2]``) -> a typed key."""
+    if isinstance(seed, (int, np.integer)):
+        return jax.random.key(int(seed))
+    seed = jax.numpy.asarray(seed)
+    if jax.dtypes.issubdtype(seed.dtype, jax.dtypes.prng_key):
+        if seed.shape != ():
+            raise ValueError(f"prng_seed: expected one key, got a key array of shape {seed.shape}")
+        return seed
+    if seed.shape == (2,) and seed.dtype == jax.numpy.uint32:
+        return jax.random.wrap_key_data(seed)
+    raise TypeError(f"prng_seed: expected an int or one PRNG key, got {seed.dtype}{list(seed.shape)}")
+
+
+def image_keys(seed: int | jax.Array, count: int, start: int = 0) -> jax.Array:
+    """Keys ``fold_in(key, i)`` for global picture indices ``start .. start + count - 1``.
+
+    Picture i's noise depends only on (seed, i), never on how pictures are spread over devices.
+    """
+    key = as_key(seed)
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(np.arange(start, start + count, dtype=np.uint32))

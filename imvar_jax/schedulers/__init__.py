@@ -1,0 +1,44 @@
+"""Pure-JAX samplers for the denoising loop: PNDM/PLMS, DDIM and LMS.
+
+Each scheduler is a frozen, hashable object built from a diffusers ``scheduler_config.json``
+dict. ``set_timesteps`` runs on the host and returns a state pytree of float32/int32
+arrays; ``scale_model_input`` and ``step`` are traceable functions of (state, loop index),
+so a whole sampling run fits in one ``lax.fori_loop`` under jit, vmap or pmap::
+
+    state = sched.set_timesteps(n, x.shape)
+    x = x * state.init_noise_sigma
+    # loop i over range(len(state.timesteps)):
+    eps = unet(sched.scale_model_input(state, x, i), state.timesteps[i])
+    x, state = sched.step(state, eps, i, x, eta=eta, variance_noise=noise_i)
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from .common import SchedulerConfig
+from .ddim import DDIMScheduler, DDIMState
+from .lms import LMSDiscreteScheduler, LMSState
+from .pndm import PNDMScheduler, PNDMState
+
+Scheduler = PNDMScheduler | DDIMScheduler | LMSDiscreteScheduler
+
+SCHEDULERS: dict[str, type[Scheduler]] = {
+    "pndm": PNDMScheduler,
+    "ddim": DDIMScheduler,
+    "lms": LMSDiscreteScheduler,
+}
+
+
+def make_scheduler(name: str, raw_config: Mapping[str, Any]) -> Scheduler:
+    """The scheduler ``name`` configured from ``raw_config`` (any diffusers scheduler's config dict,
+    read with the defaults of the class being built, as diffusers' ``from_config`` does)."""
+    if name not in SCHEDULERS:
+        raise ValueError(f"scheduler: unknown {name!r} (choose one of {', '.join(SCHEDULERS)})")
+    return SCHEDULERS[name].from_config(raw_config)
+
+
+__all__ = [
+    "SCHEDULERS", "DDIMScheduler", "DDIMState", "LMSDiscreteScheduler", "LMSState", "PNDMScheduler", "PNDMState",
+    "Scheduler", "SchedulerConfig", "make_scheduler",
+]

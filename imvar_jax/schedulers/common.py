@@ -1,0 +1,230 @@
+"""Scheduler config, the training noise schedule and the inference timestep spacings.
+
+Everything here runs on the host in numpy, once per ``set_timesteps``; the traced
+per-step math lives in the scheduler modules.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import Any, Mapping
+
+import numpy as np
+
+from imvar_jax.models.config import ConfigError
+
+KINDS = ("pndm", "ddim", "lms")
+BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+
+# The keys each diffusers class reads from scheduler_config.json, with that class's own
+# default. diffusers' ``from_config`` fills a key the dict lacks from the class being
+# built, not from the class that wrote the file: DDIM built from the checkpoint's PNDM
+# config therefore clips x0 (DDIM's clip_sample=True), which the file never mentions.
+_COMMON_DEFAULTS: dict[str, Any] = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.0001,
+    "beta_end": 0.02,
+    "beta_schedule": "linear",
+    "trained_betas": None,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+    "steps_offset": 0,
+}
+_CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
+    "pndm": {**_COMMON_DEFAULTS, "skip_prk_steps": False, "set_alpha_to_one": False},
+    "ddim": {**_COMMON_DEFAULTS, "clip_sample": True, "set_alpha_to_one": True, "thresholding": False,
+             "clip_sample_range": 1.0, "rescale_betas_zero_snr": False},
+    "lms": {**_COMMON_DEFAULTS, "timestep_spacing": "linspace"},
+}
+# LMS sigma reschedulings we do not implement; each must be absent or false.
+_LMS_UNSUPPORTED_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+
+
+@dataclasses.dataclass(frozen=True)
+class SchedulerConfig:
+    """The scheduler fields of diffusers' ``scheduler_config.json`` (hashable).
+
+    Build it with ``from_dict``, which applies the defaults of the diffusers class being
+    built. A field that class does not read keeps the neutral default below and is ignored.
+    """
+
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    trained_betas: tuple[float, ...] | None = None
+    set_alpha_to_one: bool = False
+    skip_prk_steps: bool = False
+    steps_offset: int = 0
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
+    prediction_type: str = "epsilon"
+    timestep_spacing: str = "leading"
+    thresholding: bool = False
+    rescale_betas_zero_snr: bool = False
+
+    def __post_init__(self) -> None:
+        _check_int("num_train_timesteps", self.num_train_timesteps, minimum=1)
+        _check_int("steps_offset", self.steps_offset, minimum=0)
+        for name in ("set_alpha_to_one", "skip_prk_steps", "clip_sample", "thresholding", "rescale_betas_zero_snr"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"scheduler config: {name} must be true or false, got {getattr(self, name)!r}")
+        for name in ("beta_start", "beta_end", "clip_sample_range"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise ConfigError(f"scheduler config: {name} must be a finite number, got {value!r}")
+        _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        _check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
+        _check_choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
+        if self.thresholding:
+            raise ConfigError("scheduler config: thresholding=true (dynamic thresholding) is not supported")
+        if self.rescale_betas_zero_snr:
+            raise ConfigError("scheduler config: rescale_betas_zero_snr=true is not supported")
+        if self.clip_sample_range <= 0:
+            raise ConfigError(f"scheduler config: clip_sample_range must be > 0, got {self.clip_sample_range!r}")
+        if self.trained_betas is not None:
+            if len(self.trained_betas) != self.num_train_timesteps:
+                raise ConfigError(f"scheduler config: trained_betas has {len(self.trained_betas)} values, "
+                                  f"num_train_timesteps is {self.num_train_timesteps}")
+            if not all(0.0 <= b < 1.0 for b in self.trained_betas):
+                raise ConfigError("scheduler config: trained_betas must all lie in [0, 1)")
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], kind: str) -> SchedulerConfig:
+        """Read ``raw`` (a ``scheduler_config.json`` dict of any scheduler class) as diffusers'
+        ``<kind>`` scheduler would: keys that class does not read are ignored, missing ones
+        take that class's defaults."""
+        if not isinstance(raw, Mapping):
+            raise TypeError(f"scheduler config: expected a mapping, got {type(raw).__name__}")
+        if kind not in _CLASS_DEFAULTS:
+            raise ValueError(f"kind: unknown scheduler kind {kind!r} (choose one of {', '.join(KINDS)})")
+        if kind == "lms":
+            for flag in _LMS_UNSUPPORTED_FLAGS:
+                if raw.get(flag):
+                    raise ConfigError(f"scheduler config: {flag}=true is not supported")
+        values = {}
+        for name, default in _CLASS_DEFAULTS[kind].items():
+            value = raw.get(name, default)
+            # JSON null means "the class default" for every key but trained_betas.
+            values[name] = default if value is None else value
+        betas = values["trained_betas"]
+        if betas is not None:
+            try:
+                values["trained_betas"] = tuple(float(b) for b in betas)
+            except (TypeError, ValueError):
+                raise ConfigError("scheduler config: trained_betas must be a list of numbers") from None
+        for name in ("beta_start", "beta_end", "clip_sample_range"):
+            if name in values and isinstance(values[name], int) and not isinstance(values[name], bool):
+                values[name] = float(values[name])
+        return cls(**values)
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"scheduler config: {name} must be an integer >= {minimum}, got {value!r}")
+
+
+def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"scheduler config: unsupported {name}={value!r} (supported: {', '.join(choices)})")
+
+
+def _torch_linspace_f32(start: float, end: float, n: int) -> np.ndarray:
+    """``torch.linspace(start, end, n, dtype=float32)`` to the bit.
+
+    torch rounds start, end and the step to float32, then forms each value as one fused
+    multiply-add from the nearer end (so both ends are exact); a float64 evaluation rounded
+    once to float32 is that fused operation.
+    """
+    lo, hi = np.float64(np.float32(start)), np.float64(np.float32(end))
+    if n == 1:
+        return np.array([lo], np.float32)
+    step = np.float64(np.float32((np.float32(end) - np.float32(start)) / np.float32(n - 1)))
+    idx = np.arange(n, dtype=np.float64)
+    values = np.where(idx < n // 2, lo + step * idx, hi - step * (n - 1 - idx))
+    return values.astype(np.float32)
+
+
+def _cosine_betas(n: int, max_beta: float = 0.999) -> np.ndarray:
+    """Nichol & Dhariwal's cosine schedule (Improved DDPM, eq. 17): betas from alpha_bar ratios."""
+    t = np.arange(n + 1, dtype=np.float64) / n
+    alpha_bar = np.cos((t + 0.008) / 1.008 * np.pi / 2) ** 2
+    return np.minimum(1.0 - alpha_bar[1:] / alpha_bar[:-1], max_beta).astype(np.float32)
+
+
+@functools.lru_cache(maxsize=16)
+def alphas_cumprod(config: SchedulerConfig) -> np.ndarray:
+    """The training schedule's cumulative products of (1 - beta), ``[num_train_timesteps]`` float32.
+
+    diffusers builds betas in float32, ``1 - beta`` in float32 and takes the cumulative
+    product in torch's CPU kernel, which accumulates in float64 and rounds each entry;
+    we do the same steps so the table agrees with diffusers' to the last bit or so.
+    The returned array is shared (cached) and read-only.
+    """
+    n = config.num_train_timesteps
+    if config.trained_betas is not None:
+        betas = np.asarray(config.trained_betas, np.float32)
+    elif config.beta_schedule == "linear":
+        betas = _torch_linspace_f32(config.beta_start, config.beta_end, n)
+    elif config.beta_schedule == "scaled_linear":
+        # Linear in sqrt(beta): the latent-diffusion schedule.
+        root = _torch_linspace_f32(config.beta_start ** 0.5, config.beta_end ** 0.5, n)
+        betas = root * root
+    else:
+        betas = _cosine_betas(n)
+    alphas = np.float32(1.0) - betas
+    out = np.cumprod(alphas.astype(np.float64)).astype(np.float32)
+    out.flags.writeable = False
+    return out
+
+
+def final_alpha_cumprod(config: SchedulerConfig) -> np.float32:
+    """alpha_bar "before" timestep 0: 1 when ``set_alpha_to_one`` (a clean x0), else alpha_bar_0."""
+    return np.float32(1.0) if config.set_alpha_to_one else alphas_cumprod(config)[0]
+
+
+def check_num_inference_steps(num_inference_steps: Any, config: SchedulerConfig) -> int:
+    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, (int, np.integer)):
+        raise TypeError(f"num_inference_steps: expected an int, got {type(num_inference_steps).__name__}")
+    n = int(num_inference_steps)
+    if not 1 <= n <= config.num_train_timesteps:
+        raise ValueError(f"num_inference_steps: must be in [1, {config.num_train_timesteps}] "
+                         f"(num_train_timesteps), got {n}")
+    return n
+
+
+def check_sample_shape(sample_shape: Any) -> tuple[int, ...]:
+    if not isinstance(sample_shape, (tuple, list)) or not all(
+            isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in sample_shape):
+        raise TypeError(f"sample_shape: expected a tuple of non-negative ints, got {sample_shape!r}")
+    return tuple(int(d) for d in sample_shape)
+
+
+def descending_timesteps(config: SchedulerConfig, n: int) -> np.ndarray:
+    """The ``n`` inference timesteps, largest first, float64, before any per-scheduler rounding.
+
+    The three spacings of Lin et al., "Common Diffusion Noise Schedules and Sample Steps
+    are Flawed" (Table 2), computed with diffusers' own numpy expressions so the values
+    agree to the bit. "linspace" is left unrounded: LMS keeps the fractions, the others round.
+    """
+    total = config.num_train_timesteps
+    if config.timestep_spacing == "linspace":
+        return np.linspace(0, total - 1, n)[::-1].copy()
+    if config.timestep_spacing == "leading":
+        ratio = total // n
+        return (np.arange(n) * ratio)[::-1].astype(np.float64) + config.steps_offset
+    # "trailing": diffusers' float arange overshoots by one entry for some n (61, 103, ...),
+    # which would add a step at timestep -1; the first n entries are the intended schedule.
+    return np.round(np.arange(total, 0, -total / n))[:n] - 1
+
+
+def check_timestep_range(timesteps: np.ndarray, config: SchedulerConfig) -> None:
+    """Integer timesteps index alpha_bar: any outside [0, T) would read a wrong entry."""
+    if timesteps.size and (timesteps.min() < 0 or timesteps.max() >= config.num_train_timesteps):
+        raise ValueError(f"num_inference_steps: with timestep_spacing={config.timestep_spacing!r} and "
+                         f"steps_offset={config.steps_offset} the schedule reaches timestep "
+                         f"{int(timesteps.max())}, outside [0, {config.num_train_timesteps})")

@@ -1,0 +1,118 @@
+"""Linear multistep (order 4) in the sigma parameterisation of Karras et al. (2022), as in
+k-diffusion's ``sample_lms``.
+
+With x = x0 + sigma * eps the probability-flow ODE is dx/dsigma = (x - x0_pred) / sigma.
+Each step integrates the Lagrange interpolant of the last (up to) four derivatives over
+[sigma_i, sigma_{i+1}]; the weights are exact integrals of the Lagrange basis polynomials,
+computed on the host in ``set_timesteps`` (the reference integrates them numerically).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, Mapping, Self
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from numpy.polynomial import Polynomial
+
+from .common import (SchedulerConfig, alphas_cumprod, check_num_inference_steps, check_sample_shape,
+                     descending_timesteps)
+
+ORDER = 4
+
+
+@struct.dataclass
+class LMSState:
+    timesteps: jax.Array  # float32 [n]: fractional under "linspace" spacing, the UNet takes them as is
+    init_noise_sigma: jax.Array  # float32 scalar
+    sigmas: jax.Array  # float32 [n + 1], ending at 0
+    coeffs: jax.Array  # float32 [n, ORDER]: weights of the newest..oldest derivative at step i
+    derivatives: jax.Array  # float32 [ORDER, *sample]: dx/dsigma history, newest first
+
+
+@dataclasses.dataclass(frozen=True)
+class LMSDiscreteScheduler:
+    config: SchedulerConfig
+    kind: ClassVar[str] = "lms"
+
+    @classmethod
+    def from_config(cls, raw: Mapping[str, Any]) -> Self:
+        return cls(SchedulerConfig.from_dict(raw, cls.kind))
+
+    def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...]) -> LMSState:
+        cfg = self.config
+        n = check_num_inference_steps(num_inference_steps, cfg)
+        shape = check_sample_shape(sample_shape)
+        timesteps = descending_timesteps(cfg, n).astype(np.float32)  # [n]
+        # The noise level of each training timestep, sigma = sqrt((1 - a) / a), in float32 as
+        # diffusers has it, read off at (possibly fractional) timesteps by linear interpolation.
+        a = alphas_cumprod(cfg)
+        train_sigmas = np.sqrt((np.float32(1) - a) / a)
+        sigmas = np.interp(timesteps, np.arange(len(train_sigmas)), train_sigmas)
+        sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)  # [n + 1]
+        sigma_max = sigmas.max()
+        # The starting latents' scale: diffusers takes the std of x0 + sigma_max * eps for
+        # unit-variance x0 under "leading" spacing, and sigma_max alone otherwise.
+        if cfg.timestep_spacing == "leading":
+            init_noise_sigma = np.sqrt(sigma_max * sigma_max + np.float32(1))
+        else:
+            init_noise_sigma = sigma_max
+        return LMSState(
+            timesteps=jnp.asarray(timesteps, jnp.float32),
+            init_noise_sigma=jnp.float32(init_noise_sigma),
+            sigmas=jnp.asarray(sigmas),
+            coeffs=jnp.asarray(lms_coefficients(sigmas), jnp.float32),
+            derivatives=jnp.zeros((ORDER, *shape), jnp.float32),
+        )
+
+    @staticmethod
+    def num_loop_steps(state: LMSState) -> int:
+        return int(state.timesteps.shape[0])
+
+    def scale_model_input(self, state: LMSState, sample: jax.Array, step_index: jax.Array) -> jax.Array:
+        """x / sqrt(sigma^2 + 1): the UNet was trained on variance-preserving inputs sqrt(a) x."""
+        sigma = state.sigmas[step_index]
+        return sample / jnp.sqrt(sigma ** 2 + 1)
+
+    def step(self, state: LMSState, model_output: jax.Array, step_index: jax.Array, sample: jax.Array, *,
+             eta: jax.Array | float = 0.0, variance_noise: jax.Array | None = None) -> tuple[jax.Array, LMSState]:
+        """One linear multistep step; deterministic, so ``eta`` and ``variance_noise`` are ignored."""
+        e = jnp.asarray(model_output).astype(jnp.float32)
+        x = jnp.asarray(sample).astype(jnp.float32)
+        sigma = state.sigmas[step_index]
+        if self.config.prediction_type == "epsilon":
+            x0 = x - sigma * e
+        else:
+            # v-prediction on the scaled input x / sqrt(sigma^2 + 1) (Salimans & Ho, 2022).
+            x0 = e * (-sigma / jnp.sqrt(sigma ** 2 + 1)) + x / (sigma ** 2 + 1)
+        derivative = (x - x0) / sigma
+        history = jnp.concatenate([derivative[None], state.derivatives[:-1]])
+        coeffs = state.coeffs[step_index]
+        # Until the history is full the missing terms have weight 0 (and hold zeros).
+        update = coeffs[0] * history[0]
+        for k in range(1, ORDER):
+            update = update + coeffs[k] * history[k]
+        return x + update, state.replace(derivatives=history)
+
+
+def lms_coefficients(sigmas: np.ndarray, order: int = ORDER) -> np.ndarray:
+    """``[len(sigmas) - 1, order]`` float64: at step i, the integral over [sigma_i, sigma_{i+1}] of
+    the Lagrange basis polynomial of node sigma_{i-j} (j = 0 newest), over the min(i + 1, order)
+    newest nodes; unused orders are 0.
+
+    Each basis polynomial has degree < order, so integrating its coefficients is exact.
+    """
+    nodes = sigmas.astype(np.float64)
+    out = np.zeros((len(nodes) - 1, order))
+    for i in range(len(nodes) - 1):
+        used = nodes[i - np.arange(min(i + 1, order))]  # newest first
+        for j, node in enumerate(used):
+            basis = Polynomial([1.0])
+            for other in np.delete(used, j):
+                basis = basis * Polynomial([-other, 1.0]) / (node - other)  # (tau - other) / (node - other)
+            antiderivative = basis.integ()
+            out[i, j] = antiderivative(nodes[i + 1]) - antiderivative(nodes[i])
+    return out
