@@ -114,7 +114,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: An
     tmp = dst.parent / f".{dst.name}.partial-{uuid.uuid4().hex[:8]}"
     tmp.mkdir()
     try:
-        checkpointer = ocp.StandardCheckpointer()
+        checkpointer = _checkpointer()
         for name in names:
             if progress:
                 progress(name)
@@ -122,8 +122,7 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: An
             _, params = convert_component(SPECS[name], src / name, dtype)
             (tmp / name).mkdir()
             shutil.copy2(config_path, tmp / name / "config.json")
-            checkpointer.save((tmp / name / "params").absolute(), params)
-            checkpointer.wait_until_finished()
+            checkpointer.save((tmp / name / "params").absolute(), args=ocp.args.StandardSave(params))
             del params
             gc.collect()
         for name in COPIED:
@@ -138,6 +137,17 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: An
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return dst
+
+
+def _checkpointer():
+    """A synchronous orbax checkpointer without OCDBT.
+
+    OCDBT stages the whole tree a second time while writing (6.5 GiB peak for the 3.2 GiB
+    UNet, measured); one zarr array per param keeps saving near the params' own size.
+    """
+    import orbax.checkpoint as ocp
+
+    return ocp.Checkpointer(ocp.StandardCheckpointHandler(use_ocdbt=False))
 
 
 def is_converted(path: str | os.PathLike) -> bool:
@@ -165,7 +175,7 @@ def load_converted_component(path: str | os.PathLike, name: str, dtype: Any) -> 
     want = parse_dtype(dtype)
     expected = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, want), spec.abstract_params(config))
     try:
-        params = ocp.StandardCheckpointer().restore((d / "params").absolute(), expected)
+        params = _checkpointer().restore((d / "params").absolute(), args=ocp.args.StandardRestore(expected))
     except (ValueError, KeyError, FileNotFoundError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise ConversionError(f"{d / 'params'}: cannot restore {name} params ({first})") from None

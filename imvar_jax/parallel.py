@@ -18,13 +18,18 @@ def unreplicate(tree: Any) -> Any:
     return jax_utils.unreplicate(tree)
 
 
-def is_replicated(tree: Any, devices: Sequence[jax.Device] | None = None) -> bool:
-    """Whether ``tree``'s leaves are spread over every device as ``replicate`` leaves them."""
-    devices = list(devices or jax.local_devices())
-    leaf = jax.tree.leaves(tree)[0]
-    sharding = getattr(leaf, "sharding", None)
-    return (sharding is not None and leaf.shape[:1] == (len(devices),)
-            and set(sharding.device_set) == set(devices))
+def replicated_devices(tree: Any) -> list[jax.Device] | None:
+    """The devices ``replicate`` spread ``tree`` over (ordered by id), or None if it was not."""
+    leaves = jax.tree.leaves(tree)
+    if not leaves:
+        return None
+    device_sets = {frozenset(getattr(getattr(x, "sharding", None), "device_set", ())) for x in leaves}
+    if len(device_sets) != 1:
+        return None
+    devices = sorted(device_sets.pop(), key=lambda d: d.id)
+    if not devices or any(x.shape[:1] != (len(devices),) for x in leaves):
+        return None
+    return devices
 
 
 def shard(x: Any, num_devices: int | None = None) -> Any:

@@ -24,7 +24,7 @@ from .models.clip_vision import CLIPVisionModelWithProjection
 from .models.safety_checker import SafetyChecker
 from .models.unet import UNet2DConditionModel
 from .models.vae import AutoencoderKL, sample_latent
-from .parallel import image_keys, is_replicated, pad_batch, replicate, shard, unreplicate
+from .parallel import image_keys, pad_batch, replicate, replicated_devices, shard, unreplicate
 from .preprocessing import prepare_inputs, to_pil
 from .sampling import Models, SampleOptions, sample
 from .schedulers import SCHEDULERS, make_scheduler
@@ -195,9 +195,9 @@ class ImageVariationPipeline:
         if self._callback is not None:
             self._callback(int(step), int(timestep), np.asarray(latents))
 
-    def _program(self, opts: SampleOptions, parallel: bool):
-        """One compiled program per static option set; jit and pmap keep their own shape caches."""
-        key = (opts, parallel)
+    def _program(self, opts: SampleOptions, devices: tuple[jax.Device, ...] | None):
+        """One compiled program per static option set (and device set for pmap); each keeps its shape cache."""
+        key = (opts, devices)
         if key not in self._jitted:
             models = Models(self.unet, self.vae, self.image_encoder)
 
@@ -205,9 +205,9 @@ class ImageVariationPipeline:
                 return sample(models, opts, params, pixel_values, keys, latents, guidance_scale, eta, sched_state,
                               every, warmup, self._host_callback)
 
-            if parallel:
+            if devices is not None:
                 self._jitted[key] = jax.pmap(run, in_axes=(0, 0, 0, 0 if opts.latents_given else None,
-                                                           None, None, None, None, None))
+                                                           None, None, None, None, None), devices=devices)
             else:
                 self._jitted[key] = jax.jit(run)
         return self._jitted[key]
@@ -264,8 +264,15 @@ class ImageVariationPipeline:
             if tuple(latents.shape) != want_shape:
                 raise ValueError(f"latents: expected shape {want_shape} (N*k, C, H/{f}, W/{f}), "
                                  f"got {tuple(latents.shape)}")
-        if jit and not is_replicated(params):
-            raise ValueError("params: jit=True expects params from imvar_jax.replicate(params)")
+        devices = None
+        if jit:
+            devices = replicated_devices(params)
+            if devices is None:
+                raise ValueError("params: jit=True expects params from imvar_jax.replicate(params)")
+            if batch[0] != len(devices):
+                raise ValueError(f"pixel_values: sharded over {batch[0]} devices but params are replicated "
+                                 f"on {len(devices)}")
+            devices = tuple(devices)
 
         keys = image_keys(prng_seed, n_out).reshape(*batch[:-1], batch[-1] * k)
         do_cfg = guidance_scale > 1.0
@@ -277,7 +284,7 @@ class ImageVariationPipeline:
         warmup = sched_state.timesteps.shape[0] - int(num_inference_steps)
         self._callback = callback
         try:
-            images = self._program(opts, jit)(
+            images = self._program(opts, devices)(
                 params, pixel_values, keys, latents, jnp.float32(guidance_scale), jnp.float32(eta), sched_state,
                 jnp.int32(callback_steps), jnp.int32(warmup))
             images = np.array(images).reshape(n_out, height, width, 3)  # writable: flagged ones are blacked out
@@ -307,7 +314,7 @@ class ImageVariationPipeline:
         ``params``: plain (replicated here) or already from ``replicate``. Other keyword
         arguments are those of ``__call__``. Pictures equal a ``jit=False`` call with the same seed.
         """
-        devices = list(devices or jax.local_devices())
+        devices = sorted(devices or jax.local_devices(), key=lambda dev: dev.id)
         d = len(devices)
         pixel_values = prepare_inputs(images, preprocessing, size=self.image_encoder.config.image_size,
                                       feature_extractor_config=self.feature_extractor_config)
@@ -320,8 +327,9 @@ class ImageVariationPipeline:
                 raise ValueError(f"latents: expected {n * k} (inputs x num_images_per_prompt), got {latents.shape[0]}")
             latents = shard(pad_batch(latents.reshape(n, k, *latents.shape[1:]), d)
                             .reshape(padded.shape[0] * k, *latents.shape[1:]), d)
-        if not is_replicated(params, devices):
-            params = replicate(params, devices)
+        on = replicated_devices(params)
+        if on != devices:
+            params = replicate(params if on is None else unreplicate(params), devices)
         out = self(shard(padded, d), params, seed, num_images_per_prompt=k, latents=latents, jit=True, **kwargs)
         keep = n * k
         return ImageVariationOutput(images=out.images[:keep],

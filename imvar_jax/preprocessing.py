@@ -159,7 +159,7 @@ def clip_settings(feature_extractor_config: Mapping[str, Any] | None = None, siz
     return settings
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
+def to_rgb(image: Image.Image, *, name: str = "image") -> Image.Image:
     """EXIF orientation applied, then an 8-bit RGB picture, transparency composited onto white.
 
     White compositing is what transformers 5's ``convert_to_rgb`` does (older releases dropped the
@@ -167,11 +167,11 @@ def to_rgb(image: Image.Image) -> Image.Image:
     transformers, on purpose: EXIF orientation (diffusers' ``load_image`` applies it, the processor
     does not); 16-bit grayscale (``I;16*``, and ``I``, which is taken to hold 0..65535) is scaled by
     1/257 instead of clipped at 255; an RGBA palette counts as transparency, ``LAB`` does not.
-    ``F`` is read on Pillow's 0..255 scale.
+    ``F`` is read on Pillow's 0..255 scale. ``name`` is how errors refer to the picture.
     """
     image = ImageOps.exif_transpose(image)
     if image.mode in _SIXTEEN_BIT_MODES:
-        image = _sixteen_to_eight_bit(image)
+        image = _sixteen_to_eight_bit(image, name)
     has_alpha = (image.mode in _ALPHA_MODES or image.info.get("transparency") is not None
                  or (image.mode == "P" and image.palette is not None and image.palette.mode.endswith("A")))
     try:
@@ -180,15 +180,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
             return Image.alpha_composite(white, image.convert("RGBA")).convert("RGB")
         return image.convert("RGB")
     except ValueError as err:
-        raise ValueError(f"images: cannot convert a picture of mode {image.mode} to RGB ({err})") from None
+        raise ValueError(f"{name}: cannot convert a picture of mode {image.mode} to RGB ({err})") from None
 
 
-def _sixteen_to_eight_bit(image: Image.Image) -> Image.Image:
+def _sixteen_to_eight_bit(image: Image.Image, name: str) -> Image.Image:
     # Pillow's own convert("L"/"RGB") clips 16-bit values at 255, which turns a 16-bit photo white;
     # v * 255 / 65535 = v / 257 maps the full range instead.
     values = np.asarray(image).astype(np.int64)
     if values.size and (values.min() < 0 or values.max() > 65535):
-        raise ValueError(f"images: a mode {image.mode} picture holds values outside 0..65535 "
+        raise ValueError(f"{name}: a mode {image.mode} picture holds values outside 0..65535 "
                          f"([{values.min()}, {values.max()}]); only 16-bit grayscale is supported")
     gray = np.round(values / 257.0).astype(np.uint8)
     key = image.info.get("transparency")
@@ -297,7 +297,7 @@ def _clip_one(picture: Image.Image | np.ndarray, s: ClipSettings, where: str) ->
     if picture.width == 0 or picture.height == 0:
         raise ValueError(f"{where}: zero-size picture ({picture.width}x{picture.height})")
     if s.do_convert_rgb:
-        picture = to_rgb(picture)
+        picture = to_rgb(picture, name=where)
     else:
         picture = ImageOps.exif_transpose(picture)
         if picture.mode != "RGB":
@@ -331,7 +331,7 @@ def _float_rgb(picture: Image.Image | np.ndarray, where: str) -> np.ndarray:
     if isinstance(picture, Image.Image):
         if picture.width == 0 or picture.height == 0:
             raise ValueError(f"{where}: zero-size picture ({picture.width}x{picture.height})")
-        return np.asarray(to_rgb(picture)).astype(np.float32) / 255
+        return np.asarray(to_rgb(picture, name=where)).astype(np.float32) / 255
     x = picture.astype(np.float32)
     if x.shape[-1] == 1:
         return np.repeat(x, 3, axis=-1)

@@ -271,7 +271,8 @@ def _bad_cases():
          r"feature_extractor_config: expected a mapping"),
         (Image.new("RGB", (12, 8)), {"feature_extractor_config": {"size": 8, "do_center_crop": False}}, ValueError,
          r"images\[0\]: came out 8x12 after preprocessing, expected 8x8"),
-        (Image.fromarray(np.full((4, 4), 70000, np.int32)), {}, ValueError, r"images: a mode I picture holds values"),
+        (Image.fromarray(np.full((4, 4), 70000, np.int32)), {}, ValueError,
+         r"images\[0\]: a mode I picture holds values"),
     ]
 
 

@@ -106,11 +106,11 @@ class SchedulerConfig:
             for flag in _LMS_UNSUPPORTED_FLAGS:
                 if raw.get(flag):
                     raise ConfigError(f"scheduler config: {flag}=true is not supported")
-        values = {}
-        for name, default in _CLASS_DEFAULTS[kind].items():
-            value = raw.get(name, default)
-            # JSON null means "the class default" for every key but trained_betas.
-            values[name] = default if value is None else value
+        # A config diffusers built in memory lists the keys it filled from its own class's
+        # defaults; from_config gives those the new class's defaults instead.
+        implicit = set(raw.get("_use_default_values") or ())
+        values = {name: raw[name] if name in raw and name not in implicit else default
+                  for name, default in _CLASS_DEFAULTS[kind].items()}
         betas = values["trained_betas"]
         if betas is not None:
             try:

@@ -16,8 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from .common import (SchedulerConfig, alphas_cumprod, check_num_inference_steps, check_timestep_range,
-                     descending_timesteps, final_alpha_cumprod)
+from .common import (SchedulerConfig, alphas_cumprod, check_num_inference_steps, check_sample_shape,
+                     check_timestep_range, descending_timesteps, final_alpha_cumprod)
 
 
 @struct.dataclass
@@ -41,6 +41,7 @@ class DDIMScheduler:
         """DDIM keeps no history, so ``sample_shape`` only fixes the interface."""
         cfg = self.config
         n = check_num_inference_steps(num_inference_steps, cfg)
+        check_sample_shape(sample_shape)
         timesteps = np.round(descending_timesteps(cfg, n)).astype(np.int64)  # [n]
         check_timestep_range(timesteps, cfg)
         # The previous timestep is one stride of T // n back whatever the spacing, as in

@@ -1,15 +1,17 @@
 """PNDM / PLMS: pseudo numerical methods for diffusion models (Liu et al., 2022, arXiv:2202.09778).
 
 Every step maps x_t to x_{t-delta} with the paper's transfer part phi (eq. 9), fed by a
-combined noise estimate e'. With ``skip_prk_steps`` (the SD checkpoints' setting) e' comes
-from the pseudo linear multistep method (PLMS, eq. 13: Adams-Bashforth on the noise
-predictions), started as in crowsonkb's PLMS sampler for latent diffusion: one plain step,
-then the same step redone with the mean of the two predictions (an improved-Euler step
-that costs the loop one extra UNet call), then orders 2, 3 and 4. Without it, three
-pseudo Runge-Kutta steps (PRK, eq. 12, four UNet calls each) fill the history first.
+combined noise estimate e' (eqs. 12-13, Algorithm 2). With ``skip_prk_steps`` (the SD
+checkpoints' setting) e' comes from the pseudo linear multistep method (PLMS: 4th-order
+Adams-Bashforth on the noise predictions), started as in crowsonkb's PLMS sampler for
+latent diffusion: one plain step, then the same step redone with the mean of the two
+predictions (an improved-Euler step that costs one extra UNet call), then orders 2, 3
+and 4. Without it, three pseudo Runge-Kutta steps (PRK: classical RK4 weights, four UNet
+calls each) fill the history first.
 
-All branching lives on the host: ``set_timesteps`` records for every loop step which
-combination rule it uses and the alpha_bar pair phi reads, so ``step`` is pure array math.
+The schedule logic runs on the host: ``set_timesteps`` records for every loop step which
+combination rule it uses and the alpha_bar pair phi reads; ``step`` picks the rule with
+``lax.switch`` on that record, so it traces under jit, vmap and pmap.
 """
 
 from __future__ import annotations
@@ -118,13 +120,13 @@ class PNDMScheduler:
             return (23 * ets[0] - 16 * ets[1] + 5 * ets[2]) / 12, x, ets, s.cur_sample, s.rk_sum
 
         def ab4(s: PNDMState):
-            # PLMS, eq. 13.
+            # PLMS: e' = (55 e_t - 59 e_{t+d} + 37 e_{t+2d} - 9 e_{t+3d}) / 24.
             ets = push(s.ets)
             return (jnp.float32(1 / 24) * (55 * ets[0] - 59 * ets[1] + 37 * ets[2] - 9 * ets[3]),
                     x, ets, s.cur_sample, s.rk_sum)
 
         def rk_stage1(s: PNDMState):
-            # PRK, eq. 12: e1 = eps(x_t, t) moves x_t half a step; it alone enters the history.
+            # PRK: e1 = eps(x_t, t) moves x_t half a step; it alone enters the history.
             return e, x, push(s.ets), x, jnp.float32(1 / 6) * e
 
         def rk_stage23(s: PNDMState):
@@ -166,7 +168,8 @@ def _plms_schedule(base: np.ndarray, delta: int) -> tuple[list[int], list[int], 
     t_from, t_to, mode = [], [], []
     for i, t in enumerate(calls):
         if i == 1:
-            # The redo: the UNet saw x at the end of step 0, phi again runs step 0.
+            # The redo reruns step 0 from its start, reading alpha_bar one stride above this
+            # call: step 0's start under "leading" spacing, as diffusers has it under any.
             t_from.append(t + delta)
             t_to.append(t)
         else:
