@@ -7,7 +7,10 @@ from .models.config import ConfigError
 from .models.safety_checker import SafetyChecker, SafetyCheckerConfig
 from .models.unet import UNet2DConditionModel, UNetConfig
 from .models.vae import AutoencoderKL, VAEConfig
-from .pipeline import ImageVariationPipeline
+from .parallel import image_keys, replicate, shard, unreplicate, unshard
+from .pipeline import ImageVariationOutput, ImageVariationPipeline
+from .preprocessing import prepare_inputs, to_pil
+from .schedulers import DDIMScheduler, LMSDiscreteScheduler, PNDMScheduler, make_scheduler
 
 __version__ = "0.1.0"
 
@@ -17,11 +20,23 @@ __all__ = [
     "CLIPVisionModelWithProjection",
     "ConfigError",
     "ConversionError",
+    "DDIMScheduler",
+    "ImageVariationOutput",
     "ImageVariationPipeline",
+    "LMSDiscreteScheduler",
+    "PNDMScheduler",
     "SafetyChecker",
     "SafetyCheckerConfig",
     "UNet2DConditionModel",
     "UNetConfig",
     "VAEConfig",
     "convert_checkpoint",
+    "image_keys",
+    "make_scheduler",
+    "prepare_inputs",
+    "replicate",
+    "shard",
+    "to_pil",
+    "unreplicate",
+    "unshard",
 ]

@@ -91,8 +91,9 @@ def sample(models: Models, opts: SampleOptions, params: dict[str, Any], pixel_va
         if opts.do_cfg:
             uncond, cond = jnp.split(eps, 2)
             eps = uncond + guidance_scale * (cond - uncond)
-        # DDIM's eta noise: stream i + 1 of each picture's key (stream 0 made its latents).
-        noise = jax.vmap(lambda key: latent_noise(key, channels, x.shape[1:3], i + 1))(keys)
+        # Only DDIM draws noise (for eta): stream i + 1 of each picture's key; stream 0 made its latents.
+        noise = (jax.vmap(lambda key: latent_noise(key, channels, x.shape[1:3], i + 1))(keys)
+                 if scheduler.kind == "ddim" else None)
         x, state = scheduler.step(state, eps, i, x, eta=eta, variance_noise=noise)
         if opts.with_callback:
             last = i == state.timesteps.shape[0] - 1
