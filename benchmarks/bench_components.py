@@ -101,7 +101,8 @@ def main() -> None:
         conv_s, conv_rss = convert(src, dst)
     pipe, params = ImageVariationPipeline.from_pretrained(dst)
     print(f"jax {jax.__version__} on {jax.devices()[0].platform}, torch {torch.__version__}, "
-          f"{os.cpu_count()} cpus, torch threads {torch.get_num_threads()}, XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
+          f"{os.cpu_count()} cpus, torch threads {torch.get_num_threads()}, "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}")
     print(f"conversion: {conv_s:.1f} s, peak RSS {conv_rss:.2f} GiB")
 
     rng = np.random.default_rng(0)

@@ -99,8 +99,9 @@ def main() -> None:
         diff = float(np.max(np.abs(np.asarray(res["ours"]["images"]) - np.asarray(res["diffusers"]["images"]))))
         o, d = res["ours"], res["diffusers"]
         rows.append((size, o["seconds"], d["seconds"], o["compile"], o["peak_rss_gib"], d["peak_rss_gib"], diff))
-        print(f"{size}x{size}: ours {o['seconds']:.1f} s (compile {o['compile']:.1f} s, RSS {o['peak_rss_gib']:.1f} GiB)"
-              f"  diffusers {d['seconds']:.1f} s (RSS {d['peak_rss_gib']:.1f} GiB)  ratio {o['seconds'] / d['seconds']:.2f}"
+        print(f"{size}x{size}: ours {o['seconds']:.1f} s (compile {o['compile']:.1f} s, "
+              f"RSS {o['peak_rss_gib']:.1f} GiB)  diffusers {d['seconds']:.1f} s (RSS {d['peak_rss_gib']:.1f} GiB)"
+              f"  ratio {o['seconds'] / d['seconds']:.2f}"
               f"  max pixel diff {diff:.1e}", flush=True)
     print(f"\n{args.steps} PNDM steps ({args.steps + 1} UNet calls), guidance {args.guidance}, 1 picture\n")
     print("| size | ours (s/picture) | diffusers (s/picture) | ours/diffusers | our compile (s) "

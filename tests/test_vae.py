@@ -74,7 +74,8 @@ def reference(request):
 
 FILES = [("safetensors", torch.float32), ("bin", torch.float32), ("safetensors", torch.float16), ("bin", torch.float16)]
 # Every file format for the full configs; the optional-module config needs one.
-PARITY_CASES = [(name, *f) for name in CONFIGS if name != "bare" for f in FILES] + [("bare", "safetensors", torch.float32)]
+PARITY_CASES = [(name, *f) for name in CONFIGS if name != "bare" for f in FILES] + [
+    ("bare", "safetensors", torch.float32)]
 
 
 @pytest.mark.parametrize("reference,fmt,dtype", PARITY_CASES, indirect=["reference"])

@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping, Self
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from imvar_jax.models.config import ConfigError, check_supported, from_dict, read_json
+from imvar_jax.models.config import ConfigError, JsonConfig, check_supported, from_dict
 from imvar_jax.models.layers import AttentionImpl, conv, dot_product_attention, layer_norm
 
 # transformers' "gelu" is the exact erf form; its default is "quick_gelu".
@@ -21,7 +20,7 @@ _CLIP_PROJECTION_DIM = 512
 
 
 @dataclass(frozen=True)
-class CLIPVisionConfig:
+class CLIPVisionConfig(JsonConfig):
     """The architecture fields of transformers' ``CLIPVisionConfig`` (defaults are transformers')."""
 
     hidden_size: int = 768
@@ -74,10 +73,6 @@ class CLIPVisionConfig:
             raise ConfigError("clip_vision: vision_config must be a JSON object")
         check_supported("clip_vision", vision, {"model_type": ("clip_vision_model",)})
         return from_dict(cls, vision, projection_dim=raw.get("projection_dim", _CLIP_PROJECTION_DIM))
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> Self:
-        return cls.from_dict(read_json(path))
 
     @classmethod
     def sd_v1(cls) -> Self:

@@ -45,6 +45,14 @@ def to_dict(config: Any) -> dict[str, Any]:
     return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(config).items()}
 
 
+class JsonConfig:
+    """Base of the model configs: ``from_json`` reads a ``config.json`` through the class's ``from_dict``."""
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> Any:
+        return cls.from_dict(read_json(path))
+
+
 def read_json(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     try:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Mapping, Self
 
 import flax.linen as nn
@@ -11,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from imvar_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionTransformer
-from imvar_jax.models.config import check_supported, read_json
+from imvar_jax.models.config import JsonConfig, check_supported
 from imvar_jax.models.layers import AttentionImpl
 
 # diffusers fixes these counts in the module, not in the config.
@@ -26,7 +25,7 @@ SCORE_DECIMALS = 3
 
 
 @dataclass(frozen=True)
-class SafetyCheckerConfig:
+class SafetyCheckerConfig(JsonConfig):
     """The fields of a safety checker's config.json (a transformers ``CLIPConfig``) that shape the model."""
 
     vision_config: CLIPVisionConfig = field(default_factory=CLIPVisionConfig)
@@ -37,10 +36,6 @@ class SafetyCheckerConfig:
         check_supported("safety_checker", raw, {"model_type": ("clip",)})
         vision = CLIPVisionConfig.from_clip_config(raw)
         return cls(vision_config=vision, projection_dim=vision.projection_dim)
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> Self:
-        return cls.from_dict(read_json(path))
 
     @classmethod
     def sd_v1(cls) -> Self:

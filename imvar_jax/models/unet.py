@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping, Self
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from imvar_jax.models.config import ConfigError, check_supported, from_dict, read_json, to_dict
+from imvar_jax.models.config import ConfigError, JsonConfig, check_supported, from_dict, to_dict
 from imvar_jax.models.layers import AttentionImpl, conv, group_norm
 from imvar_jax.models.unet_blocks import DownBlock2D, TransformerSpec, UNetMidBlock2DCrossAttn, UpBlock2D
 
@@ -51,7 +50,7 @@ _MAX_PERIOD = 10000.0
 
 
 @dataclass(frozen=True)
-class UNetConfig:
+class UNetConfig(JsonConfig):
     """The fields of diffusers' ``unet/config.json`` that this port reads; defaults are diffusers'.
 
     ``attention_head_dim`` keeps diffusers' naming quirk: it is the NUMBER of heads per block
@@ -161,10 +160,6 @@ class UNetConfig:
     def from_dict(cls, raw: Mapping[str, Any]) -> Self:
         check_supported("unet", raw, _SUPPORTED)
         return from_dict(cls, raw)
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> Self:
-        return cls.from_dict(read_json(path))
 
     @classmethod
     def sd_v1(cls) -> Self:

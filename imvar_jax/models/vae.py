@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Mapping, Self
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from imvar_jax.models.config import ConfigError, check_supported, from_dict, read_json
+from imvar_jax.models.config import ConfigError, JsonConfig, check_supported, from_dict
 from imvar_jax.models.layers import (AttentionImpl, Downsample2D, ResnetBlock2D, Upsample2D, conv,
                                      dot_product_attention, group_norm)
 
@@ -33,7 +32,7 @@ _SUPPORTED = {
 
 
 @dataclass(frozen=True)
-class VAEConfig:
+class VAEConfig(JsonConfig):
     """The fields of diffusers' ``vae/config.json`` for ``AutoencoderKL``."""
 
     in_channels: int = 3
@@ -76,10 +75,6 @@ class VAEConfig:
     def from_dict(cls, raw: Mapping[str, Any]) -> Self:
         check_supported("vae", raw, _SUPPORTED)
         return from_dict(cls, raw)
-
-    @classmethod
-    def from_json(cls, path: str | Path) -> Self:
-        return cls.from_dict(read_json(path))
 
     @classmethod
     def sd_v1(cls) -> Self:
