@@ -59,9 +59,9 @@ def _reference(torch_pipe, scheduler: str, pixel_values, latents, guidance: floa
         torch_pipe.register_modules(safety_checker=None)
     try:
         with torch.no_grad():
-            out = torch_pipe(image=torch.from_numpy(pixel_values), height=HEIGHT, width=WIDTH,
-                             num_inference_steps=STEPS, guidance_scale=guidance, num_images_per_prompt=K,
-                             latents=torch.from_numpy(latents), output_type="np", **kw)
+            call = {"height": HEIGHT, "width": WIDTH, "num_inference_steps": STEPS, "num_images_per_prompt": K, **kw}
+            out = torch_pipe(image=torch.from_numpy(pixel_values), guidance_scale=guidance,
+                             latents=torch.from_numpy(latents), output_type="np", **call)
     finally:
         torch_pipe.register_modules(safety_checker=checker)
     return out.images, out.nsfw_content_detected
@@ -80,6 +80,22 @@ def test_matches_diffusers(torch_pipe, folder, scheduler, guidance):
     err = float(np.max(np.abs(out.images - ref)))
     assert err <= 1e-3, f"{scheduler} guidance {guidance}: max abs pixel error {err:.2e}"
     assert float(np.std(ref)) > 0.01  # the comparison is between real pictures, not two constants
+
+
+def test_odd_latent_size_matches_diffusers(torch_pipe, folder, monkeypatch):
+    """18x22 pixels: 9x11 latents, which the UNet's downsampler does not halve evenly."""
+    # diffusers' input check insists on multiples of SD's factor 8; the tiny VAE's factor is 2.
+    monkeypatch.setattr(torch_pipe, "check_inputs", lambda *args, **kwargs: None)
+    pipe, params = _ours(folder, "pndm")
+    rng = np.random.default_rng(9)
+    pixel_values = rng.normal(size=(1, 3, 32, 32)).astype(np.float32)
+    latents = rng.normal(size=(1, 4, 9, 11)).astype(np.float32)
+    ref, _ = _reference(torch_pipe, "pndm", pixel_values, latents, 3.0, height=18, width=22,
+                        num_images_per_prompt=1)
+    out = pipe(pixel_values, params, 0, num_inference_steps=STEPS, guidance_scale=3.0, height=18, width=22,
+               latents=latents)
+    assert out.images.shape == (1, 18, 22, 3)
+    assert float(np.max(np.abs(out.images - ref))) <= 1e-3
 
 
 def _aim_safety_checker(torch_pipe, images: np.ndarray) -> int:
