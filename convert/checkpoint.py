@@ -18,7 +18,6 @@ import gc
 import json
 import logging
 import os
-import re
 import shutil
 import uuid
 from pathlib import Path
@@ -194,36 +193,14 @@ def load_converted(path: str | os.PathLike, dtype: Any = np.float32, include_saf
         yield name, config, params
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
 def resolve_source(src: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local folder as is; a hub id (``owner/name``) through huggingface_hub's cache.
+    """A local folder as is; a hub id (``owner/name``) as its snapshot in huggingface_hub's cache.
 
-    Downloads only configs and weights, safetensors when the repo has them, and
-    honours ``HF_HUB_OFFLINE`` and the usual cache variables (huggingface_hub does).
+    Downloads only configs and weights, safetensors when the repo has them (see
+    ``imvar_jax.hub.download``), and honours ``HF_HUB_OFFLINE`` and the usual cache variables.
     """
-    path = Path(src).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise ConversionError(f"{path}: not a folder")
-        return path
-    if not _HUB_ID.match(str(src)):
-        raise ConversionError(f"{src}: no such folder, and not a hub id of the form owner/name")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    # Imported here: imvar_jax.hub builds on this module.
+    from ..hub import download, local_folder
 
-    configs = ["model_index.json", "*/config.json", "scheduler/*.json", "feature_extractor/*.json"]
-    safetensors = ["*/diffusion_pytorch_model.safetensors", "*/model.safetensors", "*/*.safetensors.index.json",
-                   "*/diffusion_pytorch_model-*.safetensors", "*/model-*.safetensors"]
-    try:
-        local = Path(snapshot_download(str(src), revision=revision, allow_patterns=configs + safetensors))
-        missing = [n for n in REQUIRED + OPTIONAL
-                   if (local / n).is_dir() and not any((local / n).glob("*.safetensors"))]
-        if missing:
-            local = Path(snapshot_download(str(src), revision=revision, allow_patterns=configs + [
-                f"{n}/{pat}" for n in missing for pat in ("*.bin", "*.bin.index.json")]))
-    except (LocalEntryNotFoundError, HfHubHTTPError, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConversionError(f"{src}: cannot fetch from the hub (revision {revision or 'main'}): {first}") from None
-    return local
+    path = local_folder(src)
+    return path if path is not None else download(str(src), revision)

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import time
+from collections import Counter
 
 from .convert.checkpoint import HUB_DEFAULT, DTYPES
 
@@ -21,6 +23,187 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"expected an integer in 0..{2**32 - 1}, got {text!r}")
+    return value
+
+
+def _finite(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
+    return value
+
+
+def _non_negative(text: str) -> float:
+    value = _finite(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
+    return value
+
+
+def _size(text: str) -> tuple[int, int]:
+    """``HxW`` (or ``N`` for a square) -> ``(height, width)``."""
+    parts = text.lower().split("x")
+    try:
+        values = [int(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) == 1:
+        values *= 2
+    if len(values) != 2 or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH in pixels (e.g. 512x512), got {text!r}")
+    return values[0], values[1]
+
+
+def _generate(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from . import hub
+    from .batch import GenerateOptions, SettingsError, run_generate
+
+    if not args.no_compile_cache:
+        hub.enable_compile_cache()
+    options = GenerateOptions(
+        model=args.model, revision=args.revision, num_per_image=args.num_per_image, steps=args.steps,
+        guidance=args.guidance, scheduler=args.scheduler, eta=args.eta, seed=args.seed, size=args.size,
+        preprocessing=args.preprocessing, dtype=args.dtype, batch_size=args.batch_size,
+        safety_checker=not args.no_safety_checker, grid=args.grid)
+    try:
+        summary = run_generate(args.inputs, args.out, options,
+                               report=lambda line: tqdm.write(f"imvar-jax generate: error: {line}", file=sys.stderr))
+    except SettingsError as e:
+        # Settings that only the loaded model can judge (such as --size) are argument errors too.
+        args.subparser.print_usage(sys.stderr)
+        print(f"imvar-jax generate: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        print(f"imvar-jax generate: error: {e}", file=sys.stderr)
+        return 1
+    print(summary.line())
+    return 1 if summary.failures else 0
+
+
+def _model_status(model: str, revision: str | None, dtype: str) -> str:
+    from pathlib import Path
+
+    from . import hub
+    from .convert.checkpoint import is_converted
+
+    if model == hub.TINY_MODEL:
+        return "built in (random weights, nothing to download)"
+    path = Path(model).expanduser()
+    if path.is_dir():
+        if is_converted(path):
+            return f"converted Flax folder {path}"
+        return (f"PyTorch diffusers folder {path}, converted in memory on every load "
+                "(imvar-jax convert makes a Flax folder once)")
+    if not hub.is_hub_id(model):
+        return "not found: no such folder, and not a hub id of the form owner/name"
+    where = hub.converted_dir(model, revision, dtype)
+    pinned = hub.pinned_revision(model, revision)
+    if hub.is_cached(model, revision, dtype):
+        return f"revision {pinned}, {dtype}: cached, converted in {where}"
+    return f"revision {pinned}, {dtype}: not cached; the first load downloads it and converts it into {where}"
+
+
+def _info(args: argparse.Namespace) -> int:
+    import flax
+    import jax
+    import jaxlib
+    from huggingface_hub import constants
+
+    from . import __version__, hub
+    from .batch import default_dtype
+
+    print(f"imvar-jax {__version__}, jax {jax.__version__}, jaxlib {jaxlib.__version__}, flax {flax.__version__}")
+    print(f"devices (default backend {jax.default_backend()}):")
+    for (platform, kind), count in sorted(Counter((d.platform, d.device_kind) for d in jax.devices()).items()):
+        print(f"  {platform}: {count} x {kind}")
+    dtype = args.dtype or default_dtype()
+    print(f"default dtype: {default_dtype()}")
+    print(f"imvar-jax cache: {hub.cache_dir()} (IMVAR_JAX_CACHE)")
+    print(f"compile cache: {hub.compile_cache_dir()}")
+    print(f"Hugging Face hub cache: {constants.HF_HUB_CACHE}")
+    print(f"model {args.model}: {_model_status(args.model, args.revision, dtype)}")
+    return 0
+
+
+def _add_generate(sub) -> None:
+    from .hub import DEFAULT_MODEL, DEFAULT_REVISION
+    from .preprocessing import PREPROCESSINGS
+    from .schedulers import SCHEDULERS
+
+    gen = sub.add_parser(
+        "generate", help="generate variations of many pictures into a folder (resumable)",
+        description="Generate variations of every input picture on every local device. Outputs go to "
+                    "OUT/<input stem>/<j>.png with the settings in PNG text chunks and one line per picture "
+                    "in OUT/manifest.jsonl. Running the same command again skips finished pictures, so an "
+                    "interrupted run can simply be restarted. Exit code 1 if any input could not be used.")
+    gen.add_argument("inputs", nargs="+", metavar="INPUT",
+                     help="picture files (any extension), folders (searched recursively for image files) "
+                          "or glob patterns (** recurses)")
+    gen.add_argument("--model", default=DEFAULT_MODEL,
+                     help=f"hub id, local diffusers or converted folder, or 'tiny' (default {DEFAULT_MODEL})")
+    gen.add_argument("--revision", default=None,
+                     help=f"hub revision (default {DEFAULT_REVISION} for the default model, else main)")
+    gen.add_argument("--num-per-image", type=_positive_int, default=4, metavar="K",
+                     help="variations per input (default 4)")
+    gen.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (default 50)")
+    gen.add_argument("--guidance", type=_finite, default=3.0,
+                     help="classifier-free guidance scale; 1 or less turns guidance off (default 3.0)")
+    gen.add_argument("--scheduler", choices=list(SCHEDULERS), default="pndm", help="sampler (default pndm)")
+    gen.add_argument("--eta", type=_non_negative, default=0.0, help="DDIM eta (default 0)")
+    gen.add_argument("--seed", type=_seed, default=0,
+                     help="picture n of the run (input i, variation j: n = i*K + j) uses fold_in(seed, n) "
+                          "(default 0)")
+    gen.add_argument("--size", type=_size, default=None, metavar="HxW",
+                     help="output height x width in pixels (default: the model's, 512x512 for SD)")
+    gen.add_argument("--preprocessing", choices=list(PREPROCESSINGS), default="v2",
+                     help="v2: the v2.0 model card's resize (default); clip: the checkpoint's feature extractor")
+    gen.add_argument("--dtype", choices=list(DTYPES), default=None,
+                     help="params and activations (default bfloat16 on TPU/GPU, float32 on CPU)")
+    gen.add_argument("--batch-size", type=_positive_int, default=1, help="inputs per device per call (default 1)")
+    gen.add_argument("--no-safety-checker", action="store_true", help="do not filter the generated pictures")
+    gen.add_argument("--out", default="variations", help="output folder (default ./variations)")
+    gen.add_argument("--grid", action="store_true",
+                     help="also write OUT/<input stem>/grid.png: the input, then its variations")
+    gen.add_argument("--no-compile-cache", action="store_true",
+                     help="do not use JAX's persistent compilation cache")
+    gen.set_defaults(func=_generate, subparser=gen)
+
+
+def _add_info(sub) -> None:
+    from .hub import DEFAULT_MODEL
+
+    info = sub.add_parser("info", help="devices, versions, cache folders and whether a model is cached",
+                          description="Show the devices JAX sees, versions, cache folders, and whether "
+                                      "--model is ready to load without a download or conversion.")
+    info.add_argument("--model", default=DEFAULT_MODEL, help=f"model to check (default {DEFAULT_MODEL})")
+    info.add_argument("--revision", default=None, help="hub revision to check")
+    info.add_argument("--dtype", choices=list(DTYPES), default=None,
+                      help="dtype of the converted copy to check (default: what generate would use)")
+    info.set_defaults(func=_info)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imvar-jax", description="Stable Diffusion Image Variations in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -32,6 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
     conv.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the stored params")
     conv.add_argument("--revision", default=None, help="hub revision (branch, tag or commit), e.g. v2.0")
     conv.set_defaults(func=_convert)
+    _add_generate(sub)
+    _add_info(sub)
     return parser
 
 

@@ -6,16 +6,30 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
-from flax import jax_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 
 def replicate(tree: Any, devices: Sequence[jax.Device] | None = None) -> Any:
-    """One copy of ``tree`` per local device, stacked on a new leading axis (for ``pmap``)."""
-    return jax_utils.replicate(tree, devices)
+    """One copy of ``tree`` per device, stacked on a new leading axis ``[D, ...]`` (for ``pmap``).
+
+    Each device gets its copy straight from the host: stacking on a device (as
+    ``flax.jax_utils.replicate`` does) compiles an op per distinct shape, 14 s for the tiny
+    model's 416 arrays on this CPU, and holds all D copies on the first device at once.
+    """
+    devices = list(devices or jax.local_devices())
+    sharding = NamedSharding(Mesh(np.array(devices), ("devices",)), PartitionSpec("devices"))
+
+    def one(x):
+        host = np.asarray(x)[None]  # [1, ...]
+        shards = [jax.device_put(host, d) for d in devices]
+        return jax.make_array_from_single_device_arrays((len(devices), *host.shape[1:]), sharding, shards)
+
+    return jax.tree.map(one, tree)
 
 
 def unreplicate(tree: Any) -> Any:
-    return jax_utils.unreplicate(tree)
+    """The first device's copy of a ``replicate``d tree, as host numpy arrays (no per-shape compiles)."""
+    return jax.tree.map(lambda x: np.asarray(x.addressable_data(0))[0], tree)
 
 
 def replicated_devices(tree: Any) -> list[jax.Device] | None:

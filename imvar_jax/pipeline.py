@@ -13,13 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .convert.checkpoint import (
-    is_converted,
-    iter_torch_components,
-    load_converted,
-    parse_dtype,
-    resolve_source,
-)
+from .convert.checkpoint import is_converted, iter_torch_components, load_converted, parse_dtype
+from .hub import DEFAULT_MODEL, TINY_MODEL, resolve_model
 from .models.clip_vision import CLIPVisionModelWithProjection
 from .models.safety_checker import SafetyChecker
 from .models.unet import UNet2DConditionModel
@@ -88,41 +83,56 @@ class ImageVariationPipeline:
         return self.vae.config.scale_factor
 
     @classmethod
-    def from_pretrained(cls, path: str | os.PathLike = "lambdalabs/sd-image-variations-diffusers", *,
+    def from_pretrained(cls, path: str | os.PathLike = DEFAULT_MODEL, *,
                         scheduler: str = "pndm", dtype: Any = jnp.float32, revision: str | None = None,
                         safety_checker: bool = True, attention_impl: str | None = None,
                         ) -> tuple["ImageVariationPipeline", dict[str, Any]]:
-        """Load a converted Flax folder, a PyTorch diffusers folder (converted in memory) or a hub id.
+        """Load a converted Flax folder, a PyTorch diffusers folder (converted in memory), a hub id or ``"tiny"``.
 
+        A hub id is downloaded and converted once per (revision, dtype) into imvar-jax's cache
+        (``imvar_jax.hub``); ``revision`` defaults to the repo's main branch, or to
+        ``DEFAULT_REVISION`` for the default model. ``"tiny"`` is a toy random-weight model built
+        in-process (``imvar_jax.tiny``; a folder of that name loads as ``"./tiny"``).
         ``scheduler`` is one of ``"pndm"``, ``"ddim"``, ``"lms"``, configured from the checkpoint's
         scheduler config; ``dtype`` is the dtype of params and activations. Returns ``(pipeline, params)``.
         """
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler: unknown {scheduler!r} (choose one of {', '.join(SCHEDULERS)})")
         np_dtype = parse_dtype(dtype)
-        root = resolve_source(path, revision)
-        loader = load_converted if is_converted(root) else iter_torch_components
-        configs: dict[str, Any] = {}
-        params: dict[str, Any] = {}
-        device = jax.local_devices()[0]
-        for name, config, p in loader(root, np_dtype, include_safety_checker=safety_checker):
-            configs[name] = config
-            params[name] = jax.device_put(p, device)
-        jdtype = jnp.dtype(np_dtype)
-        pipe = cls(
-            unet=UNet2DConditionModel(configs["unet"], dtype=jdtype, attention_impl=attention_impl),
-            # The VAE's one 512-wide float32 head is outside what cuDNN's fused attention takes.
-            vae=AutoencoderKL(configs["vae"], dtype=jdtype,
-                              attention_impl=None if attention_impl == "cudnn" else attention_impl),
-            image_encoder=CLIPVisionModelWithProjection(configs["image_encoder"], dtype=jdtype,
-                                                        attention_impl=attention_impl),
-            safety_checker=(SafetyChecker(configs["safety_checker"], dtype=jdtype, attention_impl=attention_impl)
-                            if "safety_checker" in configs else None),
-            scheduler_config=_read_optional_json(root / "scheduler" / "scheduler_config.json"),
-            feature_extractor_config=_read_optional_json(root / "feature_extractor" / "preprocessor_config.json"),
-            dtype=jdtype,
-            scheduler_name=scheduler,
-        )
+        if str(path) == TINY_MODEL:
+            if revision is not None:
+                raise ValueError(f"revision: the built-in {TINY_MODEL!r} model has no revisions, got {revision!r}")
+            # Imported here: imvar_jax.tiny builds on this module.
+            from .tiny import tiny_pipeline
+
+            pipe, params = tiny_pipeline(scheduler=scheduler, dtype=np_dtype, safety_checker=safety_checker,
+                                         attention_impl=attention_impl)
+        else:
+            root = resolve_model(path, revision, np_dtype)
+            loader = load_converted if is_converted(root) else iter_torch_components
+            configs: dict[str, Any] = {}
+            params = {}
+            device = jax.local_devices()[0]
+            for name, config, p in loader(root, np_dtype, include_safety_checker=safety_checker):
+                configs[name] = config
+                params[name] = jax.device_put(p, device)
+            jdtype = jnp.dtype(np_dtype)
+            pipe = cls(
+                unet=UNet2DConditionModel(configs["unet"], dtype=jdtype, attention_impl=attention_impl),
+                # The VAE's one 512-wide float32 head is outside what cuDNN's fused attention takes.
+                vae=AutoencoderKL(configs["vae"], dtype=jdtype,
+                                  attention_impl=None if attention_impl == "cudnn" else attention_impl),
+                image_encoder=CLIPVisionModelWithProjection(configs["image_encoder"], dtype=jdtype,
+                                                            attention_impl=attention_impl),
+                safety_checker=(SafetyChecker(configs["safety_checker"], dtype=jdtype,
+                                              attention_impl=attention_impl)
+                                if "safety_checker" in configs else None),
+                scheduler_config=_read_optional_json(root / "scheduler" / "scheduler_config.json"),
+                feature_extractor_config=_read_optional_json(root / "feature_extractor" /
+                                                             "preprocessor_config.json"),
+                dtype=jdtype,
+                scheduler_name=scheduler,
+            )
         if pipe.safety_checker is None:
             log.warning("The safety checker is disabled: generated pictures are not filtered. Keep it on in "
                         "anything public facing (the Stable Diffusion license asks for it).")
@@ -176,8 +186,13 @@ class ImageVariationPipeline:
 
         return self._jit("encode_latents", run)(params["vae"], jnp.asarray(images), key)
 
-    def check_safety(self, params: dict[str, Any], pixel_values: jax.Array) -> np.ndarray:
-        """The safety checker's flags ``bool[N]`` for CLIP-preprocessed pictures ``[N, 3, S, S]``."""
+    def check_safety(self, params: dict[str, Any], pixel_values: Any,
+                     devices: tuple[jax.Device, ...] | None = None) -> np.ndarray:
+        """The safety checker's flags ``bool[N]`` for CLIP-preprocessed pictures ``[N, 3, S, S]``.
+
+        With ``devices`` (params from ``replicate`` over them), the N pictures are split
+        evenly over those devices and checked there.
+        """
         if self.safety_checker is None or "safety_checker" not in params:
             raise ValueError("this pipeline was loaded without a safety checker")
 
@@ -185,7 +200,13 @@ class ImageVariationPipeline:
             _, flags = self.safety_checker.apply({"params": p}, _nchw_to_nhwc(x.astype(self.dtype)))
             return flags
 
-        return np.asarray(self._jit("check_safety", run)(params["safety_checker"], jnp.asarray(pixel_values)))
+        if devices is None:
+            return np.asarray(self._jit("check_safety", run)(params["safety_checker"], jnp.asarray(pixel_values)))
+        key = ("check_safety", devices)
+        if key not in self._jitted:
+            self._jitted[key] = jax.pmap(run, devices=devices)
+        flags = self._jitted[key](params["safety_checker"], shard(np.asarray(pixel_values), len(devices)))
+        return np.asarray(flags).reshape(-1)
 
     # ------------------------------------------------------------------
     # Generation
@@ -226,8 +247,8 @@ class ImageVariationPipeline:
     def __call__(self, pixel_values: Any, params: dict[str, Any], prng_seed: int | jax.Array,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, num_images_per_prompt: int = 1,
                  height: int | None = None, width: int | None = None, latents: Any = None, eta: float = 0.0,
-                 jit: bool = False, output_type: str = "np", callback: Callable[[int, int, np.ndarray], None] | None = None,
-                 callback_steps: int = 1) -> ImageVariationOutput:
+                 jit: bool = False, output_type: str = "np",
+                 callback: Callable[[int, int, np.ndarray], None] | None = None, callback_steps: int = 1, first_index: int | Sequence[int] = 0) -> ImageVariationOutput:
         """Generate ``num_images_per_prompt`` variations of each input picture.
 
         ``jit=False``: ``pixel_values`` ``[N, 3, S, S]``, plain ``params``, one device.
@@ -236,7 +257,10 @@ class ImageVariationPipeline:
         its noise comes from ``fold_in(prng_seed, i*k + j)`` in both modes. ``latents``
         (``[N*k, C, h, w]``, sharded likewise with ``jit=True``) replace the drawn starting noise.
         ``callback(step, timestep, latents)`` is called from inside the compiled loop (once per
-        device with that device's latents when ``jit=True``).
+        device with that device's latents when ``jit=True``). ``first_index`` shifts the global
+        picture indices, so one large job split into calls keeps its pictures: an int numbers this
+        call's pictures from there on; one int per input (input-major, as flattened by ``shard``)
+        gives each input's first picture, its variation j being that index + j.
         """
         k = num_images_per_prompt
         if not isinstance(k, (int, np.integer)) or k < 1:
@@ -274,7 +298,17 @@ class ImageVariationPipeline:
                                  f"on {len(devices)}")
             devices = tuple(devices)
 
-        keys = image_keys(prng_seed, n_out).reshape(*batch[:-1], batch[-1] * k)
+        if isinstance(first_index, (int, np.integer)):
+            keys = image_keys(prng_seed, n_out, int(first_index))
+        else:
+            # Per-input starts let a resumed batch job skip finished inputs and keep everyone's noise.
+            starts = np.asarray(first_index)
+            if (starts.shape != (n_out // k,) or not np.issubdtype(starts.dtype, np.integer)
+                    or (starts.size and starts.min() < 0)):
+                raise ValueError(f"first_index: expected an int or {n_out // k} non-negative ints (one per "
+                                 f"input), got {first_index!r}")
+            keys = jnp.concatenate([image_keys(prng_seed, k, int(start)) for start in starts])
+        keys = keys.reshape(*batch[:-1], batch[-1] * k)
         do_cfg = guidance_scale > 1.0
         opts = SampleOptions(num_images_per_prompt=int(k), latent_size=latent_shape[1:], do_cfg=do_cfg,
                              latents_given=latents is not None, with_callback=callback is not None,
@@ -293,8 +327,7 @@ class ImageVariationPipeline:
 
         nsfw = None
         if self.safety_checker is not None and "safety_checker" in params:
-            checker_params = unreplicate(params["safety_checker"]) if jit else params["safety_checker"]
-            flags = self.check_safety({"safety_checker": checker_params}, self._safety_inputs(images))
+            flags = self.check_safety(params, self._safety_inputs(images), devices)
             images[flags] = 0.0
             nsfw = [bool(x) for x in flags]
         return ImageVariationOutput(images=to_pil(images) if output_type == "pil" else images,
@@ -307,12 +340,16 @@ class ImageVariationPipeline:
 
     def generate(self, images: Any, params: dict[str, Any], seed: int | jax.Array = 0,
                  num_images_per_prompt: int = 1, preprocessing: str = "v2", latents: Any = None,
-                 devices: Sequence[jax.Device] | None = None, **kwargs: Any) -> ImageVariationOutput:
-        """Prepare ``images``, spread them over every local device, generate, and return the flat output.
+                 devices: Sequence[jax.Device] | None = None, first_index: int | Sequence[int] = 0,
+                 **kwargs: Any) -> ImageVariationOutput:
+        """Prepare ``images``, spread their pictures over every local device, generate, return the flat output.
 
         ``images``: anything ``prepare_inputs`` accepts (PIL images, arrays, pixel values).
         ``params``: plain (replicated here) or already from ``replicate``. Other keyword
         arguments are those of ``__call__``. Pictures equal a ``jit=False`` call with the same seed.
+        The N*k pictures, not the N inputs, are what is split over the devices (each picture
+        keeps its index i*k + j, so its noise), so one input with 8 variations fills 8 devices
+        instead of padding every device to 8 pictures.
         """
         devices = sorted(devices or jax.local_devices(), key=lambda dev: dev.id)
         d = len(devices)
@@ -320,17 +357,26 @@ class ImageVariationPipeline:
                                       feature_extractor_config=self.feature_extractor_config)
         n = pixel_values.shape[0]
         k = num_images_per_prompt
-        padded = pad_batch(pixel_values, d)
+        if not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"num_images_per_prompt: expected a positive int, got {k!r}")
+        if isinstance(first_index, (int, np.integer)):
+            starts = np.arange(n * k) + int(first_index)
+        else:
+            first_index = np.asarray(first_index)
+            if first_index.shape != (n,):
+                raise ValueError(f"first_index: expected an int or {n} ints (one per input), got {first_index!r}")
+            starts = (first_index[:, None] + np.arange(k)).reshape(-1)  # [N*k]
+        pictures = pad_batch(np.repeat(pixel_values, k, axis=0), d)  # [N*k + pad, 3, S, S]
         if latents is not None:
             latents = np.asarray(latents, np.float32)
             if latents.shape[0] != n * k:
                 raise ValueError(f"latents: expected {n * k} (inputs x num_images_per_prompt), got {latents.shape[0]}")
-            latents = shard(pad_batch(latents.reshape(n, k, *latents.shape[1:]), d)
-                            .reshape(padded.shape[0] * k, *latents.shape[1:]), d)
+            latents = shard(pad_batch(latents, d), d)
         on = replicated_devices(params)
         if on != devices:
             params = replicate(params if on is None else unreplicate(params), devices)
-        out = self(shard(padded, d), params, seed, num_images_per_prompt=k, latents=latents, jit=True, **kwargs)
+        out = self(shard(pictures, d), params, seed, num_images_per_prompt=1, latents=latents, jit=True,
+                   first_index=pad_batch(starts, d), **kwargs)
         keep = n * k
         return ImageVariationOutput(images=out.images[:keep],
                                     nsfw_content_detected=None if out.nsfw_content_detected is None

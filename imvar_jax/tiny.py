@@ -1,0 +1,141 @@
+"""``"tiny"``: a toy-sized random-weight model built in-process, for trying the tools without a download.
+
+Its pictures are noise. It exists so that the CLI, notebooks and tests can run the whole
+pipeline (preprocessing, guided sampling on every device, decoding, the safety checker) in
+seconds on a CPU, with no PyTorch and no network.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .convert.checkpoint import parse_dtype
+from .models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection
+from .models.clip_vision import abstract_params as clip_shapes
+from .models.safety_checker import SafetyChecker, SafetyCheckerConfig
+from .models.safety_checker import abstract_params as checker_shapes
+from .models.unet import UNet2DConditionModel, UNetConfig
+from .models.unet import abstract_params as unet_shapes
+from .models.vae import AutoencoderKL, VAEConfig
+from .models.vae import abstract_params as vae_shapes
+from .pipeline import SD_V1_SCHEDULER_CONFIG, ImageVariationPipeline
+from .preprocessing import CLIP_MEAN, CLIP_STD
+from .schedulers import SCHEDULERS
+
+# Concept scores are cosine similarities (at most 1) minus these weights, plus at most 0.01
+# once a special-care score is positive; weights of 2 keep every score below 0, so the random
+# checker never blacks out a picture and the tiny model's output stays visible noise.
+_SAFETY_WEIGHT = 2.0
+
+
+def tiny_configs() -> dict[str, Any]:
+    """The four component configs, from the models' ``tiny()`` presets made to fit together.
+
+    The presets are sized independently: the image encoder's projection must be the UNet's
+    cross-attention width, and the VAE's latent channels the UNet's in/out channels.
+    """
+    unet = UNetConfig.tiny()
+    vision = dataclasses.replace(CLIPVisionConfig.tiny(), projection_dim=unet.context_dim)
+    vae = dataclasses.replace(VAEConfig.tiny(), latent_channels=unet.in_channels)
+    return {
+        "unet": unet,
+        "vae": vae,
+        "image_encoder": vision,
+        "safety_checker": SafetyCheckerConfig(vision_config=vision, projection_dim=vision.projection_dim),
+    }
+
+
+def tiny_feature_extractor_config(image_size: int) -> dict[str, Any]:
+    """A ``CLIPImageProcessor`` config (as ``preprocessor_config.json`` holds it) for ``image_size`` pictures."""
+    return {
+        "image_processor_type": "CLIPImageProcessor", "do_convert_rgb": True, "do_resize": True,
+        "size": {"shortest_edge": image_size}, "resample": 3, "do_center_crop": True,
+        "crop_size": {"height": image_size, "width": image_size}, "do_rescale": True, "rescale_factor": 1 / 255,
+        "do_normalize": True, "image_mean": list(CLIP_MEAN), "image_std": list(CLIP_STD),
+    }
+
+
+def _init_device() -> jax.Device:
+    # Random normals are computed with backend-specific math; drawing them on the CPU gives
+    # the same bits whichever accelerator the pipeline then runs on.
+    try:
+        return jax.devices("cpu")[0]
+    except RuntimeError:
+        return jax.local_devices()[0]
+
+
+def _scaled(name: str, noise: np.ndarray) -> np.ndarray:
+    """Standard normals -> one leaf, at the scale flax's default initializers give it."""
+    if name == "kernel":  # lecun-normal variance, 1 / fan_in (HWIO conv and (in, out) dense kernels)
+        return noise * math.prod(noise.shape[:-1]) ** -0.5
+    if name == "scale":  # norm gains near 1, not exactly 1, so a swapped gain would show
+        return 1.0 + 0.1 * noise
+    return 0.1 * noise  # biases, embeddings, the checker's concept embeddings
+
+
+def tiny_params(seed: int = 0) -> dict[str, Any]:
+    """float32 numpy params of every component: ``module.init``'s tree, filled from one normal draw keyed by ``seed``.
+
+    The tree comes from tracing ``module.init`` abstractly; running it would also run each
+    model's forward pass, which costs about 30 s of compiling (or of op-by-op dispatch) on a
+    2-core CPU, against well under a second for one ``jax.random.normal`` over all values.
+    """
+    configs = tiny_configs()
+    shapes = {"unet": unet_shapes(configs["unet"]), "vae": vae_shapes(configs["vae"]),
+              "image_encoder": clip_shapes(configs["image_encoder"]),
+              "safety_checker": checker_shapes(configs["safety_checker"])}
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    sizes = [math.prod(leaf.shape) for _, leaf in leaves]
+    with jax.default_device(_init_device()):
+        noise = np.asarray(jax.random.normal(jax.random.key(seed), (sum(sizes),), jnp.float32))
+    values = []
+    for (path, leaf), start, size in zip(leaves, np.cumsum([0, *sizes[:-1]]), sizes):
+        values.append(_scaled(path[-1].key, noise[start:start + size].reshape(leaf.shape)))
+    params = jax.tree_util.tree_unflatten(treedef, values)
+    checker = params["safety_checker"]
+    for name in ("concept_embeds_weights", "special_care_embeds_weights"):
+        checker[name] = np.full_like(checker[name], _SAFETY_WEIGHT)
+    return params
+
+
+def tiny_pipeline(*, scheduler: str = "pndm", dtype: Any = jnp.float32, safety_checker: bool = True,
+                  seed: int = 0, attention_impl: str | None = None,
+                  ) -> tuple[ImageVariationPipeline, dict[str, Any]]:
+    """A toy random-weight pipeline and its params, the same bits on every call and in every process.
+
+    Pictures are ``16 x 16`` (UNet latents ``8 x 8``), the image encoder takes ``32 x 32``
+    pixel values; the scheduler config is the real checkpoint's (PNDM). ``scheduler``,
+    ``dtype``, ``safety_checker`` and ``attention_impl`` mean what they mean in
+    ``ImageVariationPipeline.from_pretrained``; ``seed`` picks the weights.
+    """
+    if scheduler not in SCHEDULERS:
+        raise ValueError(f"scheduler: unknown {scheduler!r} (choose one of {', '.join(SCHEDULERS)})")
+    np_dtype = parse_dtype(dtype)
+    jdtype = jnp.dtype(np_dtype)
+    configs = tiny_configs()
+    params = tiny_params(seed)
+    if not safety_checker:
+        del params["safety_checker"]
+    device = jax.local_devices()[0]
+    params = jax.tree.map(lambda a: jax.device_put(a.astype(np_dtype), device), params)
+    pipe = ImageVariationPipeline(
+        unet=UNet2DConditionModel(configs["unet"], dtype=jdtype, attention_impl=attention_impl),
+        # As in from_pretrained: cuDNN's fused attention does not take the VAE's float32 single head.
+        vae=AutoencoderKL(configs["vae"], dtype=jdtype,
+                          attention_impl=None if attention_impl == "cudnn" else attention_impl),
+        image_encoder=CLIPVisionModelWithProjection(configs["image_encoder"], dtype=jdtype,
+                                                    attention_impl=attention_impl),
+        safety_checker=(SafetyChecker(configs["safety_checker"], dtype=jdtype, attention_impl=attention_impl)
+                        if safety_checker else None),
+        scheduler_config=dict(SD_V1_SCHEDULER_CONFIG),
+        feature_extractor_config=tiny_feature_extractor_config(configs["image_encoder"].image_size),
+        dtype=jdtype,
+        scheduler_name=scheduler,
+    )
+    return pipe, params
