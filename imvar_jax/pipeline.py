@@ -248,7 +248,8 @@ class ImageVariationPipeline:
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, num_images_per_prompt: int = 1,
                  height: int | None = None, width: int | None = None, latents: Any = None, eta: float = 0.0,
                  jit: bool = False, output_type: str = "np",
-                 callback: Callable[[int, int, np.ndarray], None] | None = None, callback_steps: int = 1, first_index: int | Sequence[int] = 0) -> ImageVariationOutput:
+                 callback: Callable[[int, int, np.ndarray], None] | None = None, callback_steps: int = 1,
+                 first_index: int | Sequence[int] = 0) -> ImageVariationOutput:
         """Generate ``num_images_per_prompt`` variations of each input picture.
 
         ``jit=False``: ``pixel_values`` ``[N, 3, S, S]``, plain ``params``, one device.
