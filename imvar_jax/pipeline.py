@@ -116,27 +116,36 @@ class ImageVariationPipeline:
             for name, config, p in loader(root, np_dtype, include_safety_checker=safety_checker):
                 configs[name] = config
                 params[name] = jax.device_put(p, device)
-            jdtype = jnp.dtype(np_dtype)
-            pipe = cls(
-                unet=UNet2DConditionModel(configs["unet"], dtype=jdtype, attention_impl=attention_impl),
-                # The VAE's one 512-wide float32 head is outside what cuDNN's fused attention takes.
-                vae=AutoencoderKL(configs["vae"], dtype=jdtype,
-                                  attention_impl=None if attention_impl == "cudnn" else attention_impl),
-                image_encoder=CLIPVisionModelWithProjection(configs["image_encoder"], dtype=jdtype,
-                                                            attention_impl=attention_impl),
-                safety_checker=(SafetyChecker(configs["safety_checker"], dtype=jdtype,
-                                              attention_impl=attention_impl)
-                                if "safety_checker" in configs else None),
+            pipe = cls.from_configs(
+                configs, dtype=np_dtype, attention_impl=attention_impl, scheduler=scheduler,
                 scheduler_config=_read_optional_json(root / "scheduler" / "scheduler_config.json"),
-                feature_extractor_config=_read_optional_json(root / "feature_extractor" /
-                                                             "preprocessor_config.json"),
-                dtype=jdtype,
-                scheduler_name=scheduler,
-            )
+                feature_extractor_config=_read_optional_json(root / "feature_extractor" / "preprocessor_config.json"))
         if pipe.safety_checker is None:
             log.warning("The safety checker is disabled: generated pictures are not filtered. Keep it on in "
                         "anything public facing (the Stable Diffusion license asks for it).")
         return pipe, params
+
+    @classmethod
+    def from_configs(cls, configs: dict[str, Any], *, dtype: Any = jnp.float32, attention_impl: str | None = None,
+                     scheduler: str = "pndm", scheduler_config: dict[str, Any] | None = None,
+                     feature_extractor_config: dict[str, Any] | None = None) -> "ImageVariationPipeline":
+        """The modules for component configs ``{"unet", "vae", "image_encoder"[, "safety_checker"]}``."""
+        jdtype = jnp.dtype(parse_dtype(dtype))
+        checker = configs.get("safety_checker")
+        return cls(
+            unet=UNet2DConditionModel(configs["unet"], dtype=jdtype, attention_impl=attention_impl),
+            # The VAE's one 512-wide float32 head is outside what cuDNN's fused attention takes.
+            vae=AutoencoderKL(configs["vae"], dtype=jdtype,
+                              attention_impl=None if attention_impl == "cudnn" else attention_impl),
+            image_encoder=CLIPVisionModelWithProjection(configs["image_encoder"], dtype=jdtype,
+                                                        attention_impl=attention_impl),
+            safety_checker=(None if checker is None
+                            else SafetyChecker(checker, dtype=jdtype, attention_impl=attention_impl)),
+            scheduler_config=scheduler_config,
+            feature_extractor_config=feature_extractor_config,
+            dtype=jdtype,
+            scheduler_name=scheduler,
+        )
 
     def _jit(self, name: str, fn):
         if name not in self._jitted:

@@ -16,13 +16,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from .convert.checkpoint import parse_dtype
-from .models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection
+from .models.clip_vision import CLIPVisionConfig
 from .models.clip_vision import abstract_params as clip_shapes
-from .models.safety_checker import SafetyChecker, SafetyCheckerConfig
+from .models.safety_checker import SafetyCheckerConfig
 from .models.safety_checker import abstract_params as checker_shapes
-from .models.unet import UNet2DConditionModel, UNetConfig
+from .models.unet import UNetConfig
 from .models.unet import abstract_params as unet_shapes
-from .models.vae import AutoencoderKL, VAEConfig
+from .models.vae import VAEConfig
 from .models.vae import abstract_params as vae_shapes
 from .pipeline import SD_V1_SCHEDULER_CONFIG, ImageVariationPipeline
 from .preprocessing import CLIP_MEAN, CLIP_STD
@@ -117,25 +117,14 @@ def tiny_pipeline(*, scheduler: str = "pndm", dtype: Any = jnp.float32, safety_c
     if scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler: unknown {scheduler!r} (choose one of {', '.join(SCHEDULERS)})")
     np_dtype = parse_dtype(dtype)
-    jdtype = jnp.dtype(np_dtype)
     configs = tiny_configs()
     params = tiny_params(seed)
     if not safety_checker:
-        del params["safety_checker"]
+        del params["safety_checker"], configs["safety_checker"]
     device = jax.local_devices()[0]
     params = jax.tree.map(lambda a: jax.device_put(a.astype(np_dtype), device), params)
-    pipe = ImageVariationPipeline(
-        unet=UNet2DConditionModel(configs["unet"], dtype=jdtype, attention_impl=attention_impl),
-        # As in from_pretrained: cuDNN's fused attention does not take the VAE's float32 single head.
-        vae=AutoencoderKL(configs["vae"], dtype=jdtype,
-                          attention_impl=None if attention_impl == "cudnn" else attention_impl),
-        image_encoder=CLIPVisionModelWithProjection(configs["image_encoder"], dtype=jdtype,
-                                                    attention_impl=attention_impl),
-        safety_checker=(SafetyChecker(configs["safety_checker"], dtype=jdtype, attention_impl=attention_impl)
-                        if safety_checker else None),
+    pipe = ImageVariationPipeline.from_configs(
+        configs, dtype=np_dtype, attention_impl=attention_impl, scheduler=scheduler,
         scheduler_config=dict(SD_V1_SCHEDULER_CONFIG),
-        feature_extractor_config=tiny_feature_extractor_config(configs["image_encoder"].image_size),
-        dtype=jdtype,
-        scheduler_name=scheduler,
-    )
+        feature_extractor_config=tiny_feature_extractor_config(configs["image_encoder"].image_size))
     return pipe, params
