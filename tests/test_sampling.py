@@ -189,18 +189,17 @@ def test_compiles_once_and_not_per_step(folder):
     assert len(programs) == 1 and programs[0]._cache_size() == 1
 
     def compile_seconds(steps: int) -> float:
-        best = float("inf")
-        for _ in range(2):
-            state = pipe.scheduler.set_timesteps(steps, (2 * K, HEIGHT // 2, WIDTH // 2, 4))
-            program = pipe._program(next(iter(pipe._jitted))[0], devices=None)
-            keys = jax.random.split(jax.random.key(0), 2 * K)
-            args = (params, a, keys, None, np.float32(3.0), np.float32(0.0), state, np.int32(1), np.int32(1))
-            start = time.perf_counter()
-            program.lower(*args).compile()
-            best = min(best, time.perf_counter() - start)
-        return best
+        # A distinct step count is a distinct program: the time is a real compile, never a cache hit.
+        state = pipe.scheduler.set_timesteps(steps, (2 * K, HEIGHT // 2, WIDTH // 2, 4))
+        program = pipe._program(next(iter(pipe._jitted))[0], devices=None)
+        keys = jax.random.split(jax.random.key(0), 2 * K)
+        args = (params, a, keys, None, np.float32(3.0), np.float32(0.0), state, np.int32(1), np.int32(1))
+        start = time.perf_counter()
+        program.lower(*args).compile()
+        return time.perf_counter() - start
 
-    t10, t50 = compile_seconds(10), compile_seconds(50)
+    t10 = min(compile_seconds(10), compile_seconds(11))
+    t50 = min(compile_seconds(50), compile_seconds(51))
     assert t50 <= 1.3 * t10, f"compile took {t10:.2f} s for 10 steps and {t50:.2f} s for 50"
 
 

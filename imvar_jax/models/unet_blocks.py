@@ -51,11 +51,18 @@ class Attention(nn.Module):
         # x: [B, T, C]; context: [B, S, D] for cross-attention, None for self-attention
         context = x if context is None else context
         inner = self.num_heads * self.head_dim
-        q = nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_q")(x)
-        k = nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_k")(context)
+        to_q = nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_q")
+        to_k = nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_k")
         v = nn.Dense(inner, use_bias=False, dtype=self.dtype, name="to_v")(context)
+        to_out = nn.Dense(x.shape[-1], dtype=self.dtype, name="to_out_0")
+        if context.shape[1] == 1 and not self.is_initializing():
+            # One key (the image embedding): its softmax weight is exactly 1 for every query,
+            # so each position's output is to_out(to_v(context)) and q, k and the scores are moot.
+            b, t, c = x.shape
+            return jnp.broadcast_to(to_out(v), (b, t, c))  # [B, T, C]
+        q, k = to_q(x), to_k(context)
         out = dot_product_attention(q, k, v, self.num_heads, self.attention_impl, self.upcast)  # [B, T, inner]
-        return nn.Dense(x.shape[-1], dtype=self.dtype, name="to_out_0")(out)
+        return to_out(out)
 
 
 class GEGLU(nn.Module):
