@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import gc
 import json
-import logging
 import os
 import shutil
 import uuid
@@ -32,11 +31,9 @@ from .common import ComponentSpec, ConversionError, convert_component
 from .unet import SPEC as UNET_SPEC
 from .vae import SPEC as VAE_SPEC
 
-log = logging.getLogger(__name__)
 
 FORMAT_FILE = "imvar_jax.json"
 FORMAT_VERSION = 1
-HUB_DEFAULT = "lambdalabs/sd-image-variations-diffusers"
 
 SPECS: dict[str, ComponentSpec] = {s.name: s for s in (UNET_SPEC, VAE_SPEC, IMAGE_ENCODER_SPEC, SAFETY_CHECKER_SPEC)}
 REQUIRED = ("unet", "vae", "image_encoder")

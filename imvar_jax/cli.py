@@ -8,7 +8,8 @@ import sys
 import time
 from collections import Counter
 
-from .convert.checkpoint import HUB_DEFAULT, DTYPES
+from .convert.checkpoint import DTYPES
+from .hub import DEFAULT_MODEL
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -210,7 +211,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv = sub.add_parser("convert", help="convert a PyTorch diffusers checkpoint to a Flax checkpoint folder",
                           description="Convert a PyTorch diffusers checkpoint (local folder or hub id) into a "
                                       "Flax checkpoint folder that from_pretrained loads without PyTorch.")
-    conv.add_argument("src", help=f"local diffusers folder or hub id (e.g. {HUB_DEFAULT})")
+    conv.add_argument("src", help=f"local diffusers folder or hub id (e.g. {DEFAULT_MODEL})")
     conv.add_argument("dst", help="new folder to write (must not exist)")
     conv.add_argument("--dtype", choices=list(DTYPES), default="float32", help="dtype of the stored params")
     conv.add_argument("--revision", default=None, help="hub revision (branch, tag or commit), e.g. v2.0")

@@ -18,13 +18,13 @@ from typing import Any, Callable
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 
-from .convert.checkpoint import HUB_DEFAULT, OPTIONAL, REQUIRED, convert_checkpoint, is_converted, parse_dtype
+from .convert.checkpoint import OPTIONAL, REQUIRED, convert_checkpoint, is_converted, parse_dtype
 from .convert.common import _WEIGHT_NAMES, ConversionError
 from .models.config import ConfigError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MODEL = HUB_DEFAULT
+DEFAULT_MODEL = "lambdalabs/sd-image-variations-diffusers"
 # The model card's recommended revision; loading DEFAULT_MODEL without a revision pins it, so the
 # Python API, the CLI and the converted cache all mean the same weights.
 DEFAULT_REVISION = "v2.0"
