@@ -22,7 +22,7 @@ def _reference(q, k, v, heads):
 
 # Query counts that are and are not multiples of the chunk, one below the chunk, and a single key.
 @pytest.mark.parametrize("tq,tk,heads", [(1024, 1024, 2), (600, 700, 4), (300, 900, 1), (513, 1, 2)])
-@pytest.mark.parametrize("impl", [None, "xla", "chunked"])
+@pytest.mark.parametrize("impl", ["auto", "xla", "chunked"])
 def test_attention_matches_torch(tq, tk, heads, impl):
     rng = np.random.default_rng(tq + tk)
     q, k, v = (rng.normal(size=(2, t, 16 * heads)).astype(np.float32) for t in (tq, tk, tk))

@@ -111,7 +111,7 @@ def test_init_creates_every_converted_param():
 def test_cudnn_attention_is_refused_clearly():
     cfg = CONFIGS["tiny"]
     images, _ = _inputs(cfg)
-    with pytest.raises(ValueError, match="attention_impl=None or 'xla'"):
+    with pytest.raises(ValueError, match="attention_impl='auto' or 'xla'"):
         jax.eval_shape(AutoencoderKL(cfg, attention_impl="cudnn").init, jax.random.key(0), _nhwc(images))
 
 

@@ -118,7 +118,7 @@ class CLIPVisionEmbeddings(nn.Module):
 class CLIPAttention(nn.Module):
     config: CLIPVisionConfig
     dtype: jnp.dtype = jnp.float32
-    attention_impl: AttentionImpl = None
+    attention_impl: AttentionImpl = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -147,7 +147,7 @@ class CLIPEncoderLayer(nn.Module):
 
     config: CLIPVisionConfig
     dtype: jnp.dtype = jnp.float32
-    attention_impl: AttentionImpl = None
+    attention_impl: AttentionImpl = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -161,7 +161,7 @@ class CLIPEncoderLayer(nn.Module):
 class CLIPEncoder(nn.Module):
     config: CLIPVisionConfig
     dtype: jnp.dtype = jnp.float32
-    attention_impl: AttentionImpl = None
+    attention_impl: AttentionImpl = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -178,7 +178,7 @@ class CLIPVisionTransformer(nn.Module):
 
     config: CLIPVisionConfig
     dtype: jnp.dtype = jnp.float32
-    attention_impl: AttentionImpl = None
+    attention_impl: AttentionImpl = "auto"
 
     @nn.compact
     def __call__(self, pixel_values: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -195,7 +195,7 @@ class CLIPVisionModelWithProjection(nn.Module):
 
     config: CLIPVisionConfig
     dtype: jnp.dtype = jnp.float32
-    attention_impl: AttentionImpl = None
+    attention_impl: AttentionImpl = "auto"
 
     def setup(self) -> None:
         self.vision_model = CLIPVisionTransformer(self.config, self.dtype, self.attention_impl)

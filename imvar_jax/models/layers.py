@@ -9,9 +9,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# None picks per backend: "chunked" for long sequences on CPU, else JAX's own choice.
+# "auto" picks per backend: "chunked" for long sequences on CPU, else JAX's own choice.
 # "xla" and "cudnn" force jax.nn.dot_product_attention's implementation; "chunked" is ours.
-AttentionImpl = Literal["xla", "cudnn", "chunked"] | None
+AttentionImpl = Literal["auto", "xla", "cudnn", "chunked"]
+ATTENTION_IMPLS: tuple[str, ...] = ("auto", "xla", "cudnn", "chunked")
 
 # Below this many scores per head XLA:CPU's fused attention is as fast as chunking.
 _CPU_CHUNK_MIN_SCORES = 512 * 512
@@ -37,7 +38,7 @@ def conv(features: int, kernel: int, dtype: jnp.dtype, name: str, stride: int = 
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int,
-                          implementation: AttentionImpl = None, upcast: bool = False) -> jax.Array:
+                          implementation: AttentionImpl = "auto", upcast: bool = False) -> jax.Array:
     """Multi-head softmax attention on ``[B, T, C]`` projections; returns ``[B, Tq, C]``.
 
     ``upcast`` computes scores and softmax in float32, as diffusers' ``upcast_attention``.
@@ -48,14 +49,14 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: i
     out_dtype = q.dtype
     if upcast:
         q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-    if implementation is None and jax.default_backend() == "cpu" and tq * tk >= _CPU_CHUNK_MIN_SCORES:
+    if implementation == "auto" and jax.default_backend() == "cpu" and tq * tk >= _CPU_CHUNK_MIN_SCORES:
         implementation = "chunked"
     if implementation == "chunked":
         return _chunked_attention(q, k, v, num_heads).astype(out_dtype)
     q = q.reshape(b, tq, num_heads, head_dim)  # [B, Tq, N, H]
     k = k.reshape(b, tk, num_heads, head_dim)  # [B, Tk, N, H]
     v = v.reshape(b, tk, num_heads, head_dim)
-    out = jax.nn.dot_product_attention(q, k, v, implementation=implementation)
+    out = jax.nn.dot_product_attention(q, k, v, implementation=None if implementation == "auto" else implementation)
     return out.reshape(b, tq, c).astype(out_dtype)  # [B, Tq, C]
 
 

@@ -53,7 +53,7 @@ class CLIPVisionModel(nn.Module):
 
     config: CLIPVisionConfig
     dtype: jnp.dtype = jnp.float32
-    attention_impl: AttentionImpl = None
+    attention_impl: AttentionImpl = "auto"
 
     @nn.compact
     def __call__(self, pixel_values: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -86,7 +86,7 @@ class SafetyChecker(nn.Module):
 
     config: SafetyCheckerConfig
     dtype: jnp.dtype = jnp.float32
-    attention_impl: AttentionImpl = None
+    attention_impl: AttentionImpl = "auto"
 
     def setup(self) -> None:
         d = self.config.projection_dim

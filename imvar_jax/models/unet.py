@@ -215,7 +215,7 @@ class UNet2DConditionModel(nn.Module):
 
     config: UNetConfig
     dtype: jnp.dtype = jnp.float32
-    attention_impl: AttentionImpl = None
+    attention_impl: AttentionImpl = "auto"
 
     @nn.compact
     def __call__(self, sample: jax.Array, timesteps: jax.Array | int | float,

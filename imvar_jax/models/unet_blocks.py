@@ -44,7 +44,7 @@ class Attention(nn.Module):
     head_dim: int
     upcast: bool = False
     dtype: jnp.dtype = jnp.float32
-    attention_impl: AttentionImpl = None
+    attention_impl: AttentionImpl = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
@@ -97,7 +97,7 @@ class BasicTransformerBlock(nn.Module):
     head_dim: int
     upcast: bool = False
     dtype: jnp.dtype = jnp.float32
-    attention_impl: AttentionImpl = None
+    attention_impl: AttentionImpl = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
@@ -120,7 +120,7 @@ class Transformer2DModel(nn.Module):
     spec: TransformerSpec
     groups: int
     dtype: jnp.dtype = jnp.float32
-    attention_impl: AttentionImpl = None
+    attention_impl: AttentionImpl = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
@@ -161,7 +161,7 @@ class DownBlock2D(nn.Module):
     downsample_padding: int = 1
     transformer: TransformerSpec | None = None
     dtype: jnp.dtype = jnp.float32
-    attention_impl: AttentionImpl = None
+    attention_impl: AttentionImpl = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
@@ -185,7 +185,7 @@ class UNetMidBlock2DCrossAttn(nn.Module):
     groups: int
     eps: float
     dtype: jnp.dtype = jnp.float32
-    attention_impl: AttentionImpl = None
+    attention_impl: AttentionImpl = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array) -> jax.Array:
@@ -211,7 +211,7 @@ class UpBlock2D(nn.Module):
     add_upsample: bool
     transformer: TransformerSpec | None = None
     dtype: jnp.dtype = jnp.float32
-    attention_impl: AttentionImpl = None
+    attention_impl: AttentionImpl = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array, skips: list[jax.Array], temb: jax.Array, context: jax.Array,

@@ -106,7 +106,7 @@ class VAEAttention(nn.Module):
 
     groups: int
     dtype: jnp.dtype = jnp.float32
-    attention_impl: AttentionImpl = None
+    attention_impl: AttentionImpl = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -114,7 +114,7 @@ class VAEAttention(nn.Module):
             # Fail here rather than deep inside XLA lowering, with a message that says what to pass.
             raise ValueError("vae: cuDNN fused attention needs fp16/bf16 inputs and head dim <= 256, but this "
                              "block attends in float32 with one head as wide as its channels; use "
-                             "attention_impl=None or 'xla' for the VAE")
+                             "attention_impl='auto' or 'xla' for the VAE")
         b, h, w, c = x.shape
         hs = group_norm(self.groups, _EPS, self.dtype, "group_norm")(x).reshape(b, h * w, c)  # [B, H*W, C]
         q = nn.Dense(c, dtype=self.dtype, name="to_q")(hs)
@@ -133,7 +133,7 @@ class MidBlock(nn.Module):
     groups: int
     add_attention: bool = True
     dtype: jnp.dtype = jnp.float32
-    attention_impl: AttentionImpl = None
+    attention_impl: AttentionImpl = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -181,7 +181,7 @@ class UpDecoderBlock(nn.Module):
 class Encoder(nn.Module):
     config: VAEConfig
     dtype: jnp.dtype = jnp.float32
-    attention_impl: AttentionImpl = None
+    attention_impl: AttentionImpl = "auto"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -201,7 +201,7 @@ class Encoder(nn.Module):
 class Decoder(nn.Module):
     config: VAEConfig
     dtype: jnp.dtype = jnp.float32
-    attention_impl: AttentionImpl = None
+    attention_impl: AttentionImpl = "auto"
 
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
@@ -223,7 +223,7 @@ class AutoencoderKL(nn.Module):
 
     config: VAEConfig
     dtype: jnp.dtype = jnp.float32
-    attention_impl: AttentionImpl = None
+    attention_impl: AttentionImpl = "auto"
 
     def setup(self) -> None:
         cfg = self.config
