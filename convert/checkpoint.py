@@ -23,14 +23,13 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import jax
-import ml_dtypes
 import numpy as np
 
+from ..precision import parse_dtype
 from .clip import IMAGE_ENCODER_SPEC, SAFETY_CHECKER_SPEC
 from .common import ComponentSpec, ConversionError, convert_component
 from .unet import SPEC as UNET_SPEC
 from .vae import SPEC as VAE_SPEC
-
 
 FORMAT_FILE = "imvar_jax.json"
 FORMAT_VERSION = 1
@@ -39,17 +38,6 @@ SPECS: dict[str, ComponentSpec] = {s.name: s for s in (UNET_SPEC, VAE_SPEC, IMAG
 REQUIRED = ("unet", "vae", "image_encoder")
 OPTIONAL = ("safety_checker",)
 COPIED = ("scheduler", "feature_extractor")
-
-DTYPES: dict[str, np.dtype] = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
-
-
-def parse_dtype(dtype: Any) -> np.dtype:
-    """``"float32"``/``"bfloat16"`` or the matching numpy/JAX dtype -> numpy dtype."""
-    name = dtype if isinstance(dtype, str) else np.dtype(dtype).name
-    if name not in DTYPES:
-        raise ValueError(f"unsupported dtype {dtype!r} (choose one of {', '.join(DTYPES)})")
-    return DTYPES[name]
-
 
 def _read_model_index(src: Path) -> dict[str, Any]:
     index = src / "model_index.json"
@@ -78,14 +66,17 @@ def components_of(src: Path, model_index: Mapping[str, Any]) -> list[str]:
 
 
 def iter_torch_components(src: str | os.PathLike, dtype: Any = np.float32,
-                          include_safety_checker: bool = True):
-    """Yield ``(name, config, params)`` per component of a PyTorch diffusers folder, one at a time."""
+                          include_safety_checker: bool = True, component_dtypes: Mapping[str, Any] | None = None):
+    """Yield ``(name, config, params)`` per component of a PyTorch diffusers folder, one at a time.
+
+    ``component_dtypes`` overrides ``dtype`` for the components it names.
+    """
     src = Path(src)
-    dtype = parse_dtype(dtype)
     for name in components_of(src, _read_model_index(src)):
         if name == "safety_checker" and not include_safety_checker:
             continue
-        config, params = convert_component(SPECS[name], src / name, dtype)
+        want = parse_dtype((component_dtypes or {}).get(name, dtype))
+        config, params = convert_component(SPECS[name], src / name, want)
         yield name, config, params
 
 
@@ -178,15 +169,19 @@ def load_converted_component(path: str | os.PathLike, name: str, dtype: Any) -> 
     return config, params
 
 
-def load_converted(path: str | os.PathLike, dtype: Any = np.float32, include_safety_checker: bool = True):
-    """Yield ``(name, config, params)`` for each component of a converted folder."""
+def load_converted(path: str | os.PathLike, dtype: Any = np.float32, include_safety_checker: bool = True,
+                   component_dtypes: Mapping[str, Any] | None = None):
+    """Yield ``(name, config, params)`` for each component of a converted folder, cast to ``dtype``.
+
+    ``component_dtypes`` overrides ``dtype`` for the components it names.
+    """
     fmt = read_format(path)
     for name in fmt["components"]:
         if name == "safety_checker" and not include_safety_checker:
             continue
         if name not in SPECS:
             raise ConversionError(f"{path}: unknown component '{name}' in {FORMAT_FILE}")
-        config, params = load_converted_component(path, name, dtype)
+        config, params = load_converted_component(path, name, (component_dtypes or {}).get(name, dtype))
         yield name, config, params
 
 

@@ -45,9 +45,10 @@ from PIL import Image, PngImagePlugin, UnidentifiedImageError
 from tqdm import tqdm
 
 from . import hub
-from .convert.checkpoint import DTYPES
-from .parallel import replicate, shard
+from .models.layers import ATTENTION_IMPLS
+from .parallel import shard
 from .pipeline import ImageVariationPipeline
+from .precision import DTYPES, default_dtype
 from .preprocessing import PREPROCESSINGS, prepare_inputs, to_pil, to_rgb
 from .schedulers import SCHEDULERS
 
@@ -63,7 +64,7 @@ _HASH_CHUNK = 1 << 20
 # Folder names an input may not take: the manifest lives beside the input folders.
 _RESERVED = frozenset({MANIFEST})
 # The settings a finished PNG must carry to count as done; "nsfw" and "Software" are informative only.
-_COMPARED = ("model", "revision", "dtype", "scheduler", "steps", "guidance", "eta", "seed", "size",
+_COMPARED = ("model", "revision", "dtype", "vae_dtype", "scheduler", "steps", "guidance", "eta", "seed", "size",
              "preprocessing", "safety_checker", "input_sha256", "index")
 
 
@@ -78,7 +79,8 @@ class InputError(Exception):
 @dataclass(frozen=True)
 class GenerateOptions:
     """Settings of one batch run. ``size`` is ``(height, width)`` or None for the model's default;
-    ``dtype`` None means bfloat16 on TPU/GPU and float32 on CPU; ``batch_size`` is inputs per device."""
+    ``dtype`` None means bfloat16 on TPU/GPU and float32 on CPU, ``vae_dtype`` None the same as ``dtype``;
+    ``attention`` is ``ImageVariationPipeline.from_pretrained``'s; ``batch_size`` is inputs per device."""
 
     model: str = hub.DEFAULT_MODEL
     revision: str | None = None
@@ -91,6 +93,8 @@ class GenerateOptions:
     size: tuple[int, int] | None = None
     preprocessing: str = "v2"
     dtype: str | None = None
+    vae_dtype: str | None = None
+    attention: str = "auto"
     batch_size: int = 1
     safety_checker: bool = True
     grid: bool = False
@@ -112,16 +116,15 @@ class GenerateOptions:
         if self.preprocessing not in PREPROCESSINGS:
             raise SettingsError(f"preprocessing: unknown {self.preprocessing!r} "
                                 f"(choose one of {', '.join(PREPROCESSINGS)})")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise SettingsError(f"dtype: unknown {self.dtype!r} (choose one of {', '.join(DTYPES)})")
+        for name in ("dtype", "vae_dtype"):
+            value = getattr(self, name)
+            if value is not None and value not in DTYPES:
+                raise SettingsError(f"{name}: unknown {value!r} (choose one of {', '.join(DTYPES)})")
+        if self.attention not in ATTENTION_IMPLS:
+            raise SettingsError(f"attention: unknown {self.attention!r} (choose one of {', '.join(ATTENTION_IMPLS)})")
         if self.size is not None and (len(self.size) != 2 or any(
                 isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in self.size)):
             raise SettingsError(f"size: expected (height, width) as positive integers, got {self.size!r}")
-
-
-def default_dtype() -> str:
-    """bfloat16 on accelerators (half the memory, their fast path), float32 on CPU (bf16 is slow there)."""
-    return "float32" if jax.default_backend() == "cpu" else "bfloat16"
 
 
 @dataclass(frozen=True)
@@ -392,7 +395,7 @@ class _Work:
     thumbnail: Image.Image | None = None
 
 
-def _settings_text(options: GenerateOptions, dtype: str, size: tuple[int, int]) -> dict[str, str]:
+def _settings_text(options: GenerateOptions, dtype: str, vae_dtype: str, size: tuple[int, int]) -> dict[str, str]:
     model = options.model
     remote = model != hub.TINY_MODEL and not Path(model).expanduser().exists() and hub.is_hub_id(model)
     return {
@@ -400,6 +403,7 @@ def _settings_text(options: GenerateOptions, dtype: str, size: tuple[int, int]) 
         "model": model,
         "revision": hub.pinned_revision(model, options.revision) if remote else "",
         "dtype": dtype,
+        "vae_dtype": vae_dtype,
         "scheduler": options.scheduler,
         "steps": str(options.steps),
         "guidance": repr(float(options.guidance)),
@@ -419,8 +423,9 @@ def _record(work: _Work, j: int, k: int, settings: dict[str, str], nsfw: bool | 
         "path": f"{item.name}/{j}.png", "input": item.display, "input_sha256": work.sha256,
         "index": item.index * k + j, "input_index": item.index, "variation": j,
         "model": settings["model"], "revision": settings["revision"] or None, "dtype": settings["dtype"],
-        "scheduler": settings["scheduler"], "steps": int(settings["steps"]), "guidance": float(settings["guidance"]),
-        "eta": float(settings["eta"]), "seed": int(settings["seed"]), "size": size,
+        "vae_dtype": settings["vae_dtype"], "scheduler": settings["scheduler"], "steps": int(settings["steps"]),
+        "guidance": float(settings["guidance"]), "eta": float(settings["eta"]), "seed": int(settings["seed"]),
+        "size": size,
         "preprocessing": settings["preprocessing"], "safety_checker": settings["safety_checker"] == "on",
         "nsfw": nsfw,
     }
@@ -576,7 +581,6 @@ class _Runner:
 
     def generate(self, works: list[_Work], pipe: ImageVariationPipeline, params: dict[str, Any],
                  settings: dict[str, str], size: tuple[int, int]) -> None:
-        params = replicate(params, self.devices)
         self.bar = tqdm(total=sum(len(w.missing) for w in works), unit="img", desc="generating",
                         disable=not self.progress, file=sys.stderr, dynamic_ncols=True)
         # One writer thread: encoding a batch's PNGs overlaps the devices' work on the next batch.
@@ -597,14 +601,17 @@ class _Runner:
     def run(self, items: list[InputFile]) -> RunSummary:
         o = self.options
         dtype = o.dtype or default_dtype()
-        pipe, params = ImageVariationPipeline.from_pretrained(o.model, revision=o.revision, scheduler=o.scheduler,
-                                                              dtype=dtype, safety_checker=o.safety_checker)
+        vae_dtype = o.vae_dtype or dtype
+        # Loaded straight onto every device: one copy of the weights per device, none left behind on the first.
+        pipe, params = ImageVariationPipeline.from_pretrained(
+            o.model, revision=o.revision, scheduler=o.scheduler, dtype=dtype, vae_dtype=vae_dtype,
+            attention=o.attention, safety_checker=o.safety_checker, devices=self.devices)
         try:
             # ``_size`` is the pipeline's own check (positive multiples of the VAE factor) and default.
             size = pipe._size(*(o.size or (None, None)))
         except ValueError as e:
             raise SettingsError(f"size: {e}") from None
-        settings = _settings_text(o, dtype, size)
+        settings = _settings_text(o, dtype, vae_dtype, size)
         todo = self.plan(items, settings, size)
         start = time.perf_counter()
         needs_sampling = [w for w in todo if w.missing]

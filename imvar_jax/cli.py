@@ -8,8 +8,9 @@ import sys
 import time
 from collections import Counter
 
-from .convert.checkpoint import DTYPES
 from .hub import DEFAULT_MODEL
+from .models.layers import ATTENTION_IMPLS
+from .precision import DTYPES
 
 
 def _convert(args: argparse.Namespace) -> int:
@@ -86,7 +87,8 @@ def _generate(args: argparse.Namespace) -> int:
     options = GenerateOptions(
         model=args.model, revision=args.revision, num_per_image=args.num_per_image, steps=args.steps,
         guidance=args.guidance, scheduler=args.scheduler, eta=args.eta, seed=args.seed, size=args.size,
-        preprocessing=args.preprocessing, dtype=args.dtype, batch_size=args.batch_size,
+        preprocessing=args.preprocessing, dtype=args.dtype, vae_dtype=args.vae_dtype, attention=args.attention,
+        batch_size=args.batch_size,
         safety_checker=not args.no_safety_checker, grid=args.grid)
     try:
         summary = run_generate(args.inputs, args.out, options,
@@ -133,7 +135,7 @@ def _info(args: argparse.Namespace) -> int:
     from huggingface_hub import constants
 
     from . import __version__, hub
-    from .batch import default_dtype
+    from .precision import default_dtype
 
     print(f"imvar-jax {__version__}, jax {jax.__version__}, jaxlib {jaxlib.__version__}, flax {flax.__version__}")
     print(f"devices (default backend {jax.default_backend()}):")
@@ -182,6 +184,11 @@ def _add_generate(sub) -> None:
                      help="v2: the v2.0 model card's resize (default); clip: the checkpoint's feature extractor")
     gen.add_argument("--dtype", choices=list(DTYPES), default=None,
                      help="params and activations (default bfloat16 on TPU/GPU, float32 on CPU)")
+    gen.add_argument("--vae-dtype", choices=list(DTYPES), default=None,
+                     help="the VAE's params and activations (default: --dtype); float32 avoids half-precision "
+                          "overflow when decoding")
+    gen.add_argument("--attention", choices=list(ATTENTION_IMPLS), default="auto",
+                     help="attention implementation (default auto: chosen per backend)")
     gen.add_argument("--batch-size", type=_positive_int, default=1, help="inputs per device per call (default 1)")
     gen.add_argument("--no-safety-checker", action="store_true", help="do not filter the generated pictures")
     gen.add_argument("--out", default="variations", help="output folder (default ./variations)")

@@ -18,9 +18,10 @@ from typing import Any, Callable
 import jax
 from jax.experimental.compilation_cache import compilation_cache
 
-from .convert.checkpoint import OPTIONAL, REQUIRED, convert_checkpoint, is_converted, parse_dtype
+from .convert.checkpoint import OPTIONAL, REQUIRED, convert_checkpoint, is_converted
 from .convert.common import _WEIGHT_NAMES, ConversionError
 from .models.config import ConfigError
+from .precision import parse_dtype
 
 log = logging.getLogger(__name__)
 

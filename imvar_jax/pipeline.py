@@ -13,13 +13,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .convert.checkpoint import is_converted, iter_torch_components, load_converted, parse_dtype
+from .convert.checkpoint import is_converted, iter_torch_components, load_converted
 from .hub import DEFAULT_MODEL, TINY_MODEL, resolve_model
 from .models.clip_vision import CLIPVisionModelWithProjection
+from .models.layers import ATTENTION_IMPLS
 from .models.safety_checker import SafetyChecker
 from .models.unet import UNet2DConditionModel
 from .models.vae import AutoencoderKL, sample_latent
 from .parallel import image_keys, pad_batch, replicate, replicated_devices, shard, unreplicate
+from .precision import resolve_dtypes
 from .preprocessing import prepare_inputs, to_pil
 from .sampling import Models, SampleOptions, sample
 from .schedulers import SCHEDULERS, make_scheduler
@@ -37,6 +39,16 @@ def _nhwc_to_nchw(x: jax.Array) -> jax.Array:
 
 def _read_optional_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
+
+
+def _plain_on(params: dict[str, Any], device: jax.Device) -> bool:
+    """Whether every leaf of ``params`` is a single-device array on ``device``."""
+    return all(isinstance(x, jax.Array) and x.sharding.device_set == {device} for x in jax.tree.leaves(params))
+
+
+def _check_attention(attention: Any) -> None:
+    if attention not in ATTENTION_IMPLS:
+        raise ValueError(f"attention: unknown {attention!r} (choose one of {', '.join(ATTENTION_IMPLS)})")
 
 
 # The checkpoint's own scheduler, for folders that lack scheduler/scheduler_config.json.
@@ -84,8 +96,9 @@ class ImageVariationPipeline:
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike = DEFAULT_MODEL, *,
-                        scheduler: str = "pndm", dtype: Any = jnp.float32, revision: str | None = None,
-                        safety_checker: bool = True, attention_impl: str | None = None,
+                        scheduler: str = "pndm", dtype: Any = None, vae_dtype: Any = None,
+                        revision: str | None = None, safety_checker: bool = True, attention: str = "auto",
+                        devices: Sequence[jax.Device] | None = None,
                         ) -> tuple["ImageVariationPipeline", dict[str, Any]]:
         """Load a converted Flax folder, a PyTorch diffusers folder (converted in memory), a hub id or ``"tiny"``.
 
@@ -94,30 +107,43 @@ class ImageVariationPipeline:
         ``DEFAULT_REVISION`` for the default model. ``"tiny"`` is a toy random-weight model built
         in-process (``imvar_jax.tiny``; a folder of that name loads as ``"./tiny"``).
         ``scheduler`` is one of ``"pndm"``, ``"ddim"``, ``"lms"``, configured from the checkpoint's
-        scheduler config; ``dtype`` is the dtype of params and activations. Returns ``(pipeline, params)``.
+        scheduler config.
+
+        ``dtype`` (``"float32"``, ``"bfloat16"``, ``"float16"``) is the dtype of params and
+        activations; None picks bfloat16 on TPU and GPU and float32 on CPU. ``vae_dtype`` is the
+        VAE's (None: the same); ``"float32"`` keeps decoding out of half precision's range limits.
+        ``attention`` is ``"auto"`` (per backend) or one of ``"xla"``, ``"cudnn"``, ``"chunked"``,
+        ``"splash"`` (see ``imvar_jax.models.layers``).
+        ``devices``: None puts params on the first local device, for ``jit=False`` calls; a device
+        list gives them already replicated there (as ``imvar_jax.replicate`` would), each device
+        getting its copy straight from host memory, so no device ever holds a second one.
+        Returns ``(pipeline, params)``.
         """
         if scheduler not in SCHEDULERS:
             raise ValueError(f"scheduler: unknown {scheduler!r} (choose one of {', '.join(SCHEDULERS)})")
-        np_dtype = parse_dtype(dtype)
+        _check_attention(attention)
+        dtype, vae_dtype = resolve_dtypes(dtype, vae_dtype)
+        place = ((lambda tree: replicate(tree, devices)) if devices is not None
+                 else (lambda tree: jax.device_put(tree, jax.local_devices()[0])))
         if str(path) == TINY_MODEL:
             if revision is not None:
                 raise ValueError(f"revision: the built-in {TINY_MODEL!r} model has no revisions, got {revision!r}")
             # Imported here: imvar_jax.tiny builds on this module.
             from .tiny import tiny_pipeline
 
-            pipe, params = tiny_pipeline(scheduler=scheduler, dtype=np_dtype, safety_checker=safety_checker,
-                                         attention_impl=attention_impl)
+            pipe, params = tiny_pipeline(scheduler=scheduler, dtype=dtype, vae_dtype=vae_dtype,
+                                         safety_checker=safety_checker, attention=attention, place=place)
         else:
-            root = resolve_model(path, revision, np_dtype)
+            root = resolve_model(path, revision, dtype)
             loader = load_converted if is_converted(root) else iter_torch_components
             configs: dict[str, Any] = {}
             params = {}
-            device = jax.local_devices()[0]
-            for name, config, p in loader(root, np_dtype, include_safety_checker=safety_checker):
+            for name, config, p in loader(root, dtype, include_safety_checker=safety_checker,
+                                          component_dtypes={"vae": vae_dtype}):
                 configs[name] = config
-                params[name] = jax.device_put(p, device)
+                params[name] = place(p)
             pipe = cls.from_configs(
-                configs, dtype=np_dtype, attention_impl=attention_impl, scheduler=scheduler,
+                configs, dtype=dtype, vae_dtype=vae_dtype, attention=attention, scheduler=scheduler,
                 scheduler_config=_read_optional_json(root / "scheduler" / "scheduler_config.json"),
                 feature_extractor_config=_read_optional_json(root / "feature_extractor" / "preprocessor_config.json"))
         if pipe.safety_checker is None:
@@ -126,24 +152,26 @@ class ImageVariationPipeline:
         return pipe, params
 
     @classmethod
-    def from_configs(cls, configs: dict[str, Any], *, dtype: Any = jnp.float32, attention_impl: str | None = None,
-                     scheduler: str = "pndm", scheduler_config: dict[str, Any] | None = None,
+    def from_configs(cls, configs: dict[str, Any], *, dtype: Any = None, vae_dtype: Any = None,
+                     attention: str = "auto", scheduler: str = "pndm", scheduler_config: dict[str, Any] | None = None,
                      feature_extractor_config: dict[str, Any] | None = None) -> "ImageVariationPipeline":
-        """The modules for component configs ``{"unet", "vae", "image_encoder"[, "safety_checker"]}``."""
-        jdtype = jnp.dtype(parse_dtype(dtype))
+        """The modules for component configs ``{"unet", "vae", "image_encoder"[, "safety_checker"]}``.
+
+        ``dtype``, ``vae_dtype`` and ``attention`` mean what they mean in ``from_pretrained``.
+        """
+        _check_attention(attention)
+        dtype, vae_dtype = (jnp.dtype(d) for d in resolve_dtypes(dtype, vae_dtype))
         checker = configs.get("safety_checker")
         return cls(
-            unet=UNet2DConditionModel(configs["unet"], dtype=jdtype, attention_impl=attention_impl),
-            # The VAE's one 512-wide float32 head is outside what cuDNN's fused attention takes.
-            vae=AutoencoderKL(configs["vae"], dtype=jdtype,
-                              attention_impl=None if attention_impl == "cudnn" else attention_impl),
-            image_encoder=CLIPVisionModelWithProjection(configs["image_encoder"], dtype=jdtype,
-                                                        attention_impl=attention_impl),
+            unet=UNet2DConditionModel(configs["unet"], dtype=dtype, attention_impl=attention),
+            vae=AutoencoderKL(configs["vae"], dtype=vae_dtype, attention_impl=attention),
+            image_encoder=CLIPVisionModelWithProjection(configs["image_encoder"], dtype=dtype,
+                                                        attention_impl=attention),
             safety_checker=(None if checker is None
-                            else SafetyChecker(checker, dtype=jdtype, attention_impl=attention_impl)),
+                            else SafetyChecker(checker, dtype=dtype, attention_impl=attention)),
             scheduler_config=scheduler_config,
             feature_extractor_config=feature_extractor_config,
-            dtype=jdtype,
+            dtype=dtype,
             scheduler_name=scheduler,
         )
 
@@ -177,7 +205,7 @@ class ImageVariationPipeline:
         scale = self.vae.config.scaling_factor
 
         def run(p, z):
-            z = _nchw_to_nhwc(z.astype(jnp.float32) / scale).astype(self.dtype)
+            z = _nchw_to_nhwc(z.astype(jnp.float32) / scale).astype(self.vae.dtype)
             x = self.vae.apply({"params": p}, z, method=AutoencoderKL.decode)
             return jnp.clip(x.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
 
@@ -188,7 +216,7 @@ class ImageVariationPipeline:
         scale = self.vae.config.scaling_factor
 
         def run(p, x, k):
-            x = (x.astype(jnp.float32) * 2 - 1).astype(self.dtype)
+            x = (x.astype(jnp.float32) * 2 - 1).astype(self.vae.dtype)
             mean, logvar = self.vae.apply({"params": p}, x, method=AutoencoderKL.encode)
             z = sample_latent(mean.astype(jnp.float32), logvar.astype(jnp.float32), k)
             return _nhwc_to_nchw(z * scale)
@@ -352,16 +380,21 @@ class ImageVariationPipeline:
                  num_images_per_prompt: int = 1, preprocessing: str = "v2", latents: Any = None,
                  devices: Sequence[jax.Device] | None = None, first_index: int | Sequence[int] = 0,
                  **kwargs: Any) -> ImageVariationOutput:
-        """Prepare ``images``, spread their pictures over every local device, generate, return the flat output.
+        """Prepare ``images``, spread their pictures over the devices, generate, return the flat output.
 
         ``images``: anything ``prepare_inputs`` accepts (PIL images, arrays, pixel values).
-        ``params``: plain (replicated here) or already from ``replicate``. Other keyword
-        arguments are those of ``__call__``. Pictures equal a ``jit=False`` call with the same seed.
+        ``params``: already replicated (``replicate``, or ``from_pretrained(devices=...)``: used
+        as they are, on their devices unless ``devices`` says otherwise), or plain: on one device
+        that already holds them they are used in place, otherwise replicated for this call, so
+        replicate once yourself when calling repeatedly. ``devices`` defaults to the replicated
+        params' devices, else every local device. Other keyword arguments are those of
+        ``__call__``. Pictures equal a ``jit=False`` call with the same seed.
         The N*k pictures, not the N inputs, are what is split over the devices (each picture
         keeps its index i*k + j, so its noise), so one input with 8 variations fills 8 devices
         instead of padding every device to 8 pictures.
         """
-        devices = sorted(devices or jax.local_devices(), key=lambda dev: dev.id)
+        # Without ``devices``, replicated params say where to run; anything else runs on every local device.
+        devices = sorted(devices or replicated_devices(params) or jax.local_devices(), key=lambda dev: dev.id)
         d = len(devices)
         pixel_values = prepare_inputs(images, preprocessing, size=self.image_encoder.config.image_size,
                                       feature_extractor_config=self.feature_extractor_config)
@@ -381,12 +414,18 @@ class ImageVariationPipeline:
             latents = np.asarray(latents, np.float32)
             if latents.shape[0] != n * k:
                 raise ValueError(f"latents: expected {n * k} (inputs x num_images_per_prompt), got {latents.shape[0]}")
-            latents = shard(pad_batch(latents, d), d)
+            latents = pad_batch(latents, d)
         on = replicated_devices(params)
-        if on != devices:
-            params = replicate(params if on is None else unreplicate(params), devices)
-        out = self(shard(pictures, d), params, seed, num_images_per_prompt=1, latents=latents, jit=True,
-                   first_index=pad_batch(starts, d), **kwargs)
+        if on is None and d == 1 and _plain_on(params, devices[0]):
+            # One device already holding the params: the single-device program, without a second copy.
+            out = self(pictures, params, seed, num_images_per_prompt=1, latents=latents, jit=False,
+                       first_index=starts, **kwargs)
+        else:
+            if on != devices:
+                params = replicate(params if on is None else unreplicate(params), devices)
+            out = self(shard(pictures, d), params, seed, num_images_per_prompt=1,
+                       latents=None if latents is None else shard(latents, d), jit=True,
+                       first_index=pad_batch(starts, d), **kwargs)
         keep = n * k
         return ImageVariationOutput(images=out.images[:keep],
                                     nsfw_content_detected=None if out.nsfw_content_detected is None

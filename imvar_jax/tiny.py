@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .convert.checkpoint import parse_dtype
 from .models.clip_vision import CLIPVisionConfig
 from .models.clip_vision import abstract_params as clip_shapes
 from .models.safety_checker import SafetyCheckerConfig
@@ -25,6 +24,7 @@ from .models.unet import abstract_params as unet_shapes
 from .models.vae import VAEConfig
 from .models.vae import abstract_params as vae_shapes
 from .pipeline import SD_V1_SCHEDULER_CONFIG, ImageVariationPipeline
+from .precision import resolve_dtypes
 from .preprocessing import CLIP_MEAN, CLIP_STD
 from .schedulers import SCHEDULERS
 
@@ -104,27 +104,35 @@ def tiny_params(seed: int = 0) -> dict[str, Any]:
     return params
 
 
-def tiny_pipeline(*, scheduler: str = "pndm", dtype: Any = jnp.float32, safety_checker: bool = True,
-                  seed: int = 0, attention_impl: str | None = None,
+def tiny_pipeline(*, scheduler: str = "pndm", dtype: Any = None, vae_dtype: Any = None, safety_checker: bool = True,
+                  seed: int = 0, attention: str = "auto", place: Callable[[Any], Any] | None = None,
                   ) -> tuple[ImageVariationPipeline, dict[str, Any]]:
     """A toy random-weight pipeline and its params, the same bits on every call and in every process.
 
     Pictures are ``16 x 16`` (UNet latents ``8 x 8``), the image encoder takes ``32 x 32``
     pixel values; the scheduler config is the real checkpoint's (PNDM). ``scheduler``,
-    ``dtype``, ``safety_checker`` and ``attention_impl`` mean what they mean in
-    ``ImageVariationPipeline.from_pretrained``; ``seed`` picks the weights.
+    ``dtype``, ``vae_dtype``, ``safety_checker`` and ``attention`` mean what they mean in
+    ``ImageVariationPipeline.from_pretrained``; ``seed`` picks the weights. ``place`` puts each
+    component's host params on devices (default: the first local device).
     """
     if scheduler not in SCHEDULERS:
         raise ValueError(f"scheduler: unknown {scheduler!r} (choose one of {', '.join(SCHEDULERS)})")
-    np_dtype = parse_dtype(dtype)
+    dtype, vae_dtype = resolve_dtypes(dtype, vae_dtype)
     configs = tiny_configs()
     params = tiny_params(seed)
     if not safety_checker:
         del params["safety_checker"], configs["safety_checker"]
-    device = jax.local_devices()[0]
-    params = jax.tree.map(lambda a: jax.device_put(a.astype(np_dtype), device), params)
+    if place is None:
+        device = jax.local_devices()[0]
+
+        def place(tree):
+            return jax.device_put(tree, device)
+
+    # Both dtypes are cast from the same float32 draw, so a float32 VAE here has the float32 model's exact weights.
+    params = {name: place(jax.tree.map(lambda a, d=(vae_dtype if name == "vae" else dtype): a.astype(d), tree))
+              for name, tree in params.items()}
     pipe = ImageVariationPipeline.from_configs(
-        configs, dtype=np_dtype, attention_impl=attention_impl, scheduler=scheduler,
+        configs, dtype=dtype, vae_dtype=vae_dtype, attention=attention, scheduler=scheduler,
         scheduler_config=dict(SD_V1_SCHEDULER_CONFIG),
         feature_extractor_config=tiny_feature_extractor_config(configs["image_encoder"].image_size))
     return pipe, params

@@ -84,8 +84,12 @@ def test_from_pretrained_tiny_honours_the_options():
         ImageVariationPipeline.from_pretrained("tiny", revision="v2.0")
     with pytest.raises(ValueError, match="scheduler"):
         ImageVariationPipeline.from_pretrained("tiny", scheduler="euler")
-    with pytest.raises(ValueError, match="dtype"):
-        tiny_pipeline(dtype="float16")
+    with pytest.raises(ValueError, match="^dtype: unsupported 'float64'"):
+        tiny_pipeline(dtype="float64")
+    with pytest.raises(ValueError, match="^vae_dtype: unsupported 'int8'"):
+        ImageVariationPipeline.from_pretrained("tiny", vae_dtype="int8")
+    with pytest.raises(ValueError, match="^attention: unknown 'flash'"):
+        ImageVariationPipeline.from_pretrained("tiny", attention="flash")
 
 
 def test_generate_gives_the_same_pictures_twice():
