@@ -109,9 +109,13 @@ def test_init_creates_every_converted_param():
 
 
 def test_cudnn_attention_is_refused_clearly():
+    # The mid-block always attends in float32, which cuDNN flash attention does not take; the
+    # refusal names the argument, the dtype and head dim, and what to pass, on any backend.
     cfg = CONFIGS["tiny"]
     images, _ = _inputs(cfg)
-    with pytest.raises(ValueError, match="attention_impl='auto' or 'xla'"):
+    head_dim = cfg.block_out_channels[-1]
+    with pytest.raises(ValueError, match=rf"attention_impl='cudnn' .*\(float32, head dim {head_dim}\).*"
+                                         r"pass attention_impl='auto' \(picks per call\) or 'xla'"):
         jax.eval_shape(AutoencoderKL(cfg, attention_impl="cudnn").init, jax.random.key(0), _nhwc(images))
 
 

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import functools
+import importlib
+from collections.abc import Callable
+from types import ModuleType
 from typing import Literal
 
 import flax.linen as nn
@@ -9,15 +13,105 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# "auto" picks per backend: "chunked" for long sequences on CPU, else JAX's own choice.
-# "xla" and "cudnn" force jax.nn.dot_product_attention's implementation; "chunked" is ours.
-AttentionImpl = Literal["auto", "xla", "cudnn", "chunked"]
-ATTENTION_IMPLS: tuple[str, ...] = ("auto", "xla", "cudnn", "chunked")
+# "auto" picks per backend and per call (see select_attention); the others force one implementation.
+AttentionImpl = Literal["auto", "xla", "cudnn", "chunked", "splash"]
+ATTENTION_IMPLS: tuple[str, ...] = ("auto", "xla", "cudnn", "chunked", "splash")
+ResolvedAttention = Literal["xla", "cudnn", "chunked", "splash"]
 
-# Below this many scores per head XLA:CPU's fused attention is as fast as chunking.
-_CPU_CHUNK_MIN_SCORES = 512 * 512
+# Below this many scores per head XLA:CPU's fused attention is as fast as chunking, and
+# on GPU the full score matrix is small enough not to matter.
+_CHUNK_MIN_SCORES = 512 * 512
 # Query rows per chunk: a [512, Tk] float32 score block stays in cache for SD's sequence lengths.
 _QUERY_CHUNK = 512
+
+# jax 0.10.2's cuDNN flash attention (jax/_src/cudnn/fused_attention_stablehlo.py): check_layout
+# takes only fp16/bf16 (or fp8, which jax.nn.dot_product_attention never passes), and
+# check_is_flash_attention needs a head dim that is a multiple of 8 and <= 256 from Hopper
+# (sm_90) on, <= 128 before. Its only sequence-length rule (even lengths) is for training
+# with a bias, which these calls never have.
+_CUDNN_DTYPES = (jnp.dtype(jnp.float16), jnp.dtype(jnp.bfloat16))
+_CUDNN_HEAD_DIM_MULTIPLE = 8
+_CUDNN_HEAD_DIM_MAX = 256
+_CUDNN_HEAD_DIM_MAX_PRE_HOPPER = 128
+
+# The splash kernel tiles the head dim and the key axis in 128-wide lanes; queries are padded
+# the same way so every block shape is one Mosaic accepts.
+_SPLASH_LANES = 128
+_SPLASH_BLOCKS = (512, 256, 128)
+
+
+def select_attention(implementation: AttentionImpl, backend: str, dtype: jax.typing.DTypeLike, tq: int, tk: int,
+                     head_dim: int, *, cudnn_max_head_dim: int = _CUDNN_HEAD_DIM_MAX,
+                     splash_available: bool = True) -> ResolvedAttention:
+    """The attention implementation one call runs, given where and on what it runs.
+
+    ``backend`` is ``jax.default_backend()``; ``dtype`` the dtype attention computes in (after
+    any upcast). ``cudnn_max_head_dim`` is the widest head this GPU's cuDNN path takes (256 from
+    Hopper on, 128 before, 0 without cuDNN) and ``splash_available`` whether the Pallas splash
+    kernel imports; ``dot_product_attention`` probes both.
+
+    "auto": on CPU, "chunked" from 512x512 scores per head (and always in float16), else "xla"; on GPU, "cudnn" where
+    cuDNN's flash attention takes the dtype and head dim, else "chunked" for long sequences
+    (bounded memory) and "xla" for short ones; on TPU, "splash" where it imports, else "xla".
+
+    A forced implementation is run as asked or refused with a ValueError: "auto" already
+    falls back per call, so the only reason to force one is to insist on it, and a silent
+    fallback would make e.g. a cuDNN benchmark measure XLA without saying so. "xla" and
+    "chunked" run anywhere; "splash" runs off-TPU too, in Pallas interpret mode (slow, for
+    testing); "cudnn" is refused for a dtype or head dim its kernel does not take, or off CUDA.
+    """
+    if implementation not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl={implementation!r} is not one of {ATTENTION_IMPLS}")
+    dtype = jnp.dtype(dtype)
+    gpu = backend in ("gpu", "cuda", "rocm")
+    cudnn_fits = (dtype in _CUDNN_DTYPES and head_dim % _CUDNN_HEAD_DIM_MULTIPLE == 0
+                  and head_dim <= (cudnn_max_head_dim or _CUDNN_HEAD_DIM_MAX))
+    if implementation == "auto":
+        long = tq * tk >= _CHUNK_MIN_SCORES
+        if backend == "tpu":
+            return "splash" if splash_available else "xla"
+        if gpu and cudnn_max_head_dim and cudnn_fits:
+            return "cudnn"
+        if backend == "cpu" and dtype == jnp.float16:
+            # XLA:CPU has no float16 dot with float32 accumulation, which jax.nn's XLA path asks for.
+            return "chunked"
+        return "chunked" if long and (gpu or backend == "cpu") else "xla"
+    if implementation == "cudnn":
+        # The shape reason first: it holds on every machine, so it is the one worth fixing.
+        if not cudnn_fits:
+            raise ValueError(
+                f"attention_impl='cudnn' cannot run this attention ({dtype.name}, head dim {head_dim}): cuDNN "
+                f"flash attention needs float16/bfloat16 and a head dim that is a multiple of "
+                f"{_CUDNN_HEAD_DIM_MULTIPLE} and <= {cudnn_max_head_dim or _CUDNN_HEAD_DIM_MAX}; "
+                f"pass attention_impl='auto' (picks per call) or 'xla'")
+        if not (gpu and cudnn_max_head_dim):
+            raise ValueError(f"attention_impl='cudnn' needs a CUDA GPU with cuDNN but the backend is {backend!r}; "
+                             f"pass attention_impl='auto' (picks per call) or 'xla'")
+        return "cudnn"
+    if implementation == "splash" and not splash_available:
+        raise ValueError("attention_impl='splash' needs jax.experimental.pallas.ops.tpu.splash_attention, which "
+                         "does not import here; pass attention_impl='auto' (picks per call) or 'xla'")
+    return implementation
+
+
+@functools.cache
+def _cudnn_max_head_dim() -> int:
+    """The widest head this process's GPU takes in cuDNN flash attention; 0 without a CUDA GPU."""
+    if jax.default_backend() not in ("gpu", "cuda"):
+        return 0
+    major, _, minor = str(getattr(jax.devices()[0], "compute_capability", "")).partition(".")
+    if not (major.isdigit() and minor.isdigit()):  # ROCm reports gfx names and has no cuDNN
+        return 0
+    return _CUDNN_HEAD_DIM_MAX if (int(major), int(minor)) >= (9, 0) else _CUDNN_HEAD_DIM_MAX_PRE_HOPPER
+
+
+@functools.cache
+def _splash_module() -> ModuleType | None:
+    """The Pallas splash-attention package, or None where this jax build lacks it."""
+    try:
+        return importlib.import_module("jax.experimental.pallas.ops.tpu.splash_attention")
+    except ImportError:
+        return None
 
 
 def group_norm(num_groups: int, epsilon: float, dtype: jnp.dtype, name: str) -> nn.GroupNorm:
@@ -42,6 +136,7 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: i
     """Multi-head softmax attention on ``[B, T, C]`` projections; returns ``[B, Tq, C]``.
 
     ``upcast`` computes scores and softmax in float32, as diffusers' ``upcast_attention``.
+    ``implementation`` is resolved per call by ``select_attention``.
     """
     b, tq, c = q.shape
     tk = k.shape[1]
@@ -49,23 +144,29 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: i
     out_dtype = q.dtype
     if upcast:
         q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-    if implementation == "auto" and jax.default_backend() == "cpu" and tq * tk >= _CPU_CHUNK_MIN_SCORES:
-        implementation = "chunked"
-    if implementation == "chunked":
-        return _chunked_attention(q, k, v, num_heads).astype(out_dtype)
+    backend = jax.default_backend()
+    impl = select_attention(implementation, backend, q.dtype, tq, tk, head_dim,
+                            cudnn_max_head_dim=_cudnn_max_head_dim(), splash_available=_splash_module() is not None)
+    if impl == "chunked":
+        return _chunked_attention(q, k, v, num_heads, per_head=backend == "cpu").astype(out_dtype)
     q = q.reshape(b, tq, num_heads, head_dim)  # [B, Tq, N, H]
     k = k.reshape(b, tk, num_heads, head_dim)  # [B, Tk, N, H]
     v = v.reshape(b, tk, num_heads, head_dim)
-    out = jax.nn.dot_product_attention(q, k, v, implementation=None if implementation == "auto" else implementation)
+    if impl == "splash":
+        out = _splash_attention(q, k, v, interpret=backend != "tpu")
+    else:
+        out = jax.nn.dot_product_attention(q, k, v, implementation=impl)
     return out.reshape(b, tq, c).astype(out_dtype)  # [B, Tq, C]
 
 
-def _chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int) -> jax.Array:
-    """Softmax attention one head and one block of queries at a time.
+def _chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int, per_head: bool) -> jax.Array:
+    """Softmax attention one block of queries at a time, bounding the score matrix to a block's.
 
-    On XLA:CPU the fused form materialises every head's full score matrix (1 GiB for SD's
-    64x64 latents) and runs memory-bound; a loop over heads and query blocks keeps each
-    score block in cache and was 3-6x faster at SD's sizes, with the same math.
+    On XLA:CPU (``per_head``) the fused form materialises every head's full score matrix (1 GiB
+    for SD's 64x64 latents) and runs memory-bound; a loop over heads and query blocks keeps each
+    score block in cache and was 3-6x faster at SD's sizes, with the same math. On accelerators
+    a sequential loop over heads would starve the device, so every head of a query block runs
+    at once and only the memory bound is kept.
     """
     b, tq, c = q.shape
     tk = k.shape[1]
@@ -78,20 +179,65 @@ def _chunked_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int)
     kh = k.reshape(b, tk, num_heads, h).transpose(0, 2, 3, 1).reshape(b * num_heads, h, tk)  # [BN, H, Tk]
     vh = v.reshape(b, tk, num_heads, h).transpose(0, 2, 1, 3).reshape(b * num_heads, tk, h)  # [BN, Tk, H]
 
-    def head(args):
-        q_blocks, kt, vv = args
+    def block(qb, kt, vv):
+        # qb: [..., c, H], kt: [..., H, Tk], vv: [..., Tk, H] with the same leading dims
+        s = jnp.matmul(qb, kt, preferred_element_type=jnp.float32)  # [..., c, Tk]
+        p = jnp.exp(s - s.max(axis=-1, keepdims=True))
+        out = jnp.matmul(p.astype(vv.dtype), vv, preferred_element_type=jnp.float32)  # [..., c, H]
+        return out / p.sum(axis=-1, keepdims=True)
 
-        def block(qb):
-            s = jnp.matmul(qb, kt, preferred_element_type=jnp.float32)  # [c, Tk]
-            p = jnp.exp(s - s.max(axis=-1, keepdims=True))
-            out = jnp.matmul(p.astype(vv.dtype), vv, preferred_element_type=jnp.float32)  # [c, H]
-            return out / p.sum(axis=-1, keepdims=True)
-
-        return jax.lax.map(block, q_blocks)
-
-    out = jax.lax.map(head, (qh, kh, vh))  # [BN, Tq/c, c, H]
+    if per_head:
+        out = jax.lax.map(lambda a: jax.lax.map(lambda qb: block(qb, a[1], a[2]), a[0]), (qh, kh, vh))
+    else:
+        out = jax.lax.map(lambda qb: block(qb, kh, vh), qh.swapaxes(0, 1)).swapaxes(0, 1)
+    # out: [BN, Tq/c, c, H]
     out = out.reshape(b, num_heads, tq + pad, h)[:, :, :tq].transpose(0, 2, 1, 3)  # [B, Tq, N, H]
     return out.reshape(b, tq, c)
+
+
+def _splash_attention(q: jax.Array, k: jax.Array, v: jax.Array, interpret: bool) -> jax.Array:
+    """Pallas's TPU splash (flash) attention on ``[B, T, N, H]``; ``interpret`` runs it off-TPU.
+
+    The kernel wants 128-lane tiles and whole blocks, which SD's shapes are not (head dims
+    40/80/160, CLIP's 257 tokens, a single key), so everything is zero-padded: padded q and k
+    columns add nothing to the scores, padded v columns only add output columns that are sliced
+    off, padded keys (if any) get a segment id of their own so no query attends to them, and
+    padded queries are sliced off. The kernel does not scale, so q is scaled by the true head
+    dim here.
+    """
+    _, tq, n, h = q.shape
+    tk = k.shape[1]
+    # The kernel's softmax is float32 whatever the inputs; Mosaic's matmuls take f32 and bf16.
+    dtype = q.dtype if q.dtype in (jnp.float32, jnp.bfloat16) else jnp.float32
+    tq_pad, tk_pad, h_pad = (-(-x // _SPLASH_LANES) * _SPLASH_LANES for x in (tq, tk, h))
+    kernel = _splash_kernel(n, tq_pad, tk_pad, interpret)
+
+    def prepare(x: jax.Array, t_pad: int) -> jax.Array:
+        x = jnp.pad(x.astype(dtype), ((0, 0), (0, t_pad - x.shape[1]), (0, 0), (0, h_pad - h)))
+        return x.transpose(0, 2, 1, 3)  # [B, N, T_pad, H_pad]
+
+    q = q.astype(jnp.float32) * (h ** -0.5)
+    segments = None
+    if tk_pad != tk:
+        segments = _splash_module().SegmentIds(q=jnp.zeros((tq_pad,), jnp.int32),
+                                                kv=(jnp.arange(tk_pad) >= tk).astype(jnp.int32))
+    # The kernel has no batch axis; vmap adds one to its grid.
+    out = jax.vmap(kernel, in_axes=(0, 0, 0, None))(prepare(q, tq_pad), prepare(k, tk_pad), prepare(v, tk_pad),
+                                                    segments)  # [B, N, Tq_pad, H_pad]
+    return out[:, :, :tq, :h].transpose(0, 2, 1, 3)  # [B, Tq, N, H]
+
+
+@functools.cache
+def _splash_kernel(num_heads: int, tq: int, tk: int, interpret: bool) -> Callable[..., jax.Array]:
+    """A splash kernel for full (unmasked) attention; cached since building it processes the mask on the host."""
+    splash = _splash_module()
+    mask = splash.MultiHeadMask([splash.FullMask((tq, tk))] * num_heads)
+    block_q, block_kv = (next(s for s in _SPLASH_BLOCKS if t % s == 0) for t in (tq, tk))
+    # Forward block sizes only: inference never differentiates through attention. Built eagerly
+    # even under jit, so the cached kernel holds concrete mask arrays rather than one trace's tracers.
+    with jax.ensure_compile_time_eval():
+        return splash.make_splash_mha(mask, block_sizes=splash.BlockSizes(block_q=block_q, block_kv=block_kv),
+                                      head_shards=1, q_seq_shards=1, interpret=interpret)
 
 
 class ResnetBlock2D(nn.Module):
