@@ -41,6 +41,20 @@ def _read_optional_json(path: Path) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _move_to_devices(tree: dict[str, Any], put: Callable[[Any], jax.Array]) -> dict[str, Any]:
+    """Put a nested dict of host arrays on devices leaf by leaf, emptying ``tree`` as it goes.
+
+    Each host array is dropped as soon as its device copy exists, so loading never holds a
+    whole second copy of a component (on a CPU backend the "device" copy is host memory too).
+    """
+    out = {}
+    for key in list(tree):
+        value = tree.pop(key)
+        out[key] = _move_to_devices(value, put) if isinstance(value, dict) else jax.block_until_ready(put(value))
+        del value
+    return out
+
+
 def _plain_on(params: dict[str, Any], device: jax.Device) -> bool:
     """Whether every leaf of ``params`` is a single-device array on ``device``."""
     return all(isinstance(x, jax.Array) and x.sharding.device_set == {device} for x in jax.tree.leaves(params))
@@ -123,8 +137,12 @@ class ImageVariationPipeline:
             raise ValueError(f"scheduler: unknown {scheduler!r} (choose one of {', '.join(SCHEDULERS)})")
         _check_attention(attention)
         dtype, vae_dtype = resolve_dtypes(dtype, vae_dtype)
-        place = ((lambda tree: replicate(tree, devices)) if devices is not None
-                 else (lambda tree: jax.device_put(tree, jax.local_devices()[0])))
+        first = jax.local_devices()[0]
+        put = (lambda x: replicate(x, devices)) if devices is not None else (lambda x: jax.device_put(x, first))
+
+        def place(tree: dict[str, Any]) -> dict[str, Any]:
+            return _move_to_devices(tree, put)
+
         if str(path) == TINY_MODEL:
             if revision is not None:
                 raise ValueError(f"revision: the built-in {TINY_MODEL!r} model has no revisions, got {revision!r}")

@@ -105,5 +105,11 @@ def sample(models: Models, opts: SampleOptions, params: dict[str, Any], pixel_va
     x, _ = jax.lax.fori_loop(0, sched_state.timesteps.shape[0], body, (x, sched_state))
 
     z = (x / vae.config.scaling_factor).astype(vae.dtype)
-    images = vae.apply({"params": params["vae"]}, z, method=AutoencoderKL.decode)
-    return jnp.clip(images.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)  # [N*k, H, W, 3]
+
+    def decode(one: jax.Array) -> jax.Array:
+        image = vae.apply({"params": params["vae"]}, one[None], method=AutoencoderKL.decode)[0]  # [H, W, 3]
+        return jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+
+    # One picture at a time: the decoder's full-resolution activations (128 channels at 512x512)
+    # would otherwise grow with the batch and set the largest batch a device can hold.
+    return jax.lax.map(decode, z)  # [N*k, H, W, 3]

@@ -110,26 +110,28 @@ def _denoising_loop(jaxpr):
     return None
 
 
-def _bytes_per_device() -> dict[jax.Device, int]:
+def _new_bytes_per_device(before: set[int]) -> dict[jax.Device, int]:
+    """Bytes per device of the live arrays that were not alive in ``before`` (ids)."""
     gc.collect()
     totals: dict[jax.Device, int] = {}
     for array in jax.live_arrays():
-        for shard in array.addressable_shards:
-            totals[shard.device] = totals.get(shard.device, 0) + shard.data.nbytes
+        if id(array) not in before:
+            for shard in array.addressable_shards:
+                totals[shard.device] = totals.get(shard.device, 0) + shard.data.nbytes
     return totals
 
 
 def test_loading_onto_devices_keeps_one_copy_each(monkeypatch):
     devices = jax.local_devices()[:4]
-    before = _bytes_per_device()
+    gc.collect()
+    alive = jax.live_arrays()  # held, so no id in ``before`` can be reused by a new array
+    before = {id(a) for a in alive}
     pipe, params = pipeline_module.ImageVariationPipeline.from_pretrained("tiny", safety_checker=False,
                                                                           devices=devices)
-    after = _bytes_per_device()
+    added = _new_bytes_per_device(before)
     assert replicated_devices(params) == devices
     one_copy = sum(x.nbytes for x in jax.tree.leaves(params)) // len(devices)
-    for device in jax.local_devices():
-        added = after.get(device, 0) - before.get(device, 0)
-        assert added == (one_copy if device in devices else 0), f"{device}: {added} bytes for {one_copy}"
+    assert added == {device: one_copy for device in devices}, f"{added} for one copy of {one_copy} bytes"
 
     plain_pipe, plain = tiny_pipeline(safety_checker=False)
     want = plain_pipe.generate(_pictures(), plain, seed=0, num_images_per_prompt=2, num_inference_steps=2,
