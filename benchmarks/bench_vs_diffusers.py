@@ -435,7 +435,8 @@ def _fmt(x: Any) -> str:
 def title(res: dict) -> str:
     """The dtypes (and diffusers' attention processors) the workers report having run."""
     unet, e2e = res.get("unet") or {}, res.get("e2e") or {}
-    ours = unet.get("ours_dtype") or e2e.get("ours", {}).get("dtype") or res.get("compile", {}).get("cold", {}).get("dtype")
+    ours = (unet.get("ours_dtype") or e2e.get("ours", {}).get("dtype")
+            or res.get("compile", {}).get("cold", {}).get("dtype"))
     ref = unet.get("ref_dtype") or e2e.get("diffusers", {}).get("dtype")
     attention = unet.get("ref_attention") or e2e.get("diffusers", {}).get("attention")
     return (f"ours {ours}" + (f" vs diffusers {ref}" if ref else "")

@@ -183,7 +183,8 @@ class ImageVariationPipeline:
         return cls(
             unet=UNet2DConditionModel(configs["unet"], dtype=dtype, attention_impl=attention),
             # The VAE's one attention is a float32 head 512 wide, outside cuDNN's flash kernel.
-            vae=AutoencoderKL(configs["vae"], dtype=vae_dtype, attention_impl="auto" if attention == "cudnn" else attention),
+            vae=AutoencoderKL(configs["vae"], dtype=vae_dtype,
+                              attention_impl="auto" if attention == "cudnn" else attention),
             image_encoder=CLIPVisionModelWithProjection(configs["image_encoder"], dtype=dtype,
                                                         attention_impl=attention),
             safety_checker=(None if checker is None

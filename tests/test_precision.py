@@ -1,4 +1,4 @@
-"""The precision policy: half-precision models with float32 numerics where they matter, and one weight copy per device."""
+"""The precision policy (half-precision models, float32 numerics where they matter) and one weight copy per device."""
 
 from __future__ import annotations
 
