@@ -153,6 +153,7 @@ def work_probe(args: argparse.Namespace) -> dict:
     cuda = torch.cuda.is_available()
     return {"jax_backend": jax.default_backend(), "device_kind": jax.devices()[0].device_kind,
             "torch_cuda": cuda, "torch_device_name": torch.cuda.get_device_name(0) if cuda else None,
+            "xla_flags": os.environ.get("XLA_FLAGS", ""),
             "versions": {"jax": jax.__version__, "jaxlib": jaxlib.__version__, "flax": flax.__version__,
                          "torch": torch.__version__, "diffusers": diffusers.__version__}}
 
@@ -509,6 +510,10 @@ def section(args: argparse.Namespace, backend: str, res: dict) -> list[str]:
 def main() -> None:
     args = parse_args()
     if args.worker:
+        # Before any JAX work: imvar-jax's XLA:CPU flags take effect only if no backend has started.
+        from imvar_jax.xla_flags import apply_cpu_flags
+
+        apply_cpu_flags()
         print("RESULT " + json.dumps(WORKERS[args.worker](args)), flush=True)
         return
     ensure_checkpoint(args.workdir)
@@ -520,7 +525,7 @@ def main() -> None:
               f"{os.cpu_count()} cores"
               + (f"; gpu: {facts['device_kind']}" if "gpu" in present else "")
               + f"; jax {v['jax']}, jaxlib {v['jaxlib']}, flax {v['flax']}, torch {v['torch']}, "
-              f"diffusers {v['diffusers']}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
+              f"diffusers {v['diffusers']}; XLA_FLAGS in the children={facts['xla_flags']!r}; "
               f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')}")
     print(header, flush=True)
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import time
 from collections import Counter
@@ -136,6 +137,7 @@ def _info(args: argparse.Namespace) -> int:
 
     from . import __version__, hub
     from .precision import default_dtype
+    from .xla_flags import CPU_FLAGS, OPT_OUT
 
     print(f"imvar-jax {__version__}, jax {jax.__version__}, jaxlib {jaxlib.__version__}, flax {flax.__version__}")
     print(f"devices (default backend {jax.default_backend()}):")
@@ -143,6 +145,8 @@ def _info(args: argparse.Namespace) -> int:
         print(f"  {platform}: {count} x {kind}")
     dtype = args.dtype or default_dtype()
     print(f"default dtype: {default_dtype()}")
+    print(f"XLA_FLAGS: {os.environ.get('XLA_FLAGS', '')!r} (imvar-jax adds {' '.join(CPU_FLAGS)} unless "
+          f"{OPT_OUT}=1; see imvar_jax.xla_flags)")
     print(f"imvar-jax cache: {hub.cache_dir()} (IMVAR_JAX_CACHE)")
     print(f"compile cache: {hub.compile_cache_dir()}")
     print(f"Hugging Face hub cache: {constants.HF_HUB_CACHE}")

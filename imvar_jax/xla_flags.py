@@ -1,0 +1,46 @@
+"""The XLA:CPU flags imvar-jax adopts: measured faster for SD's models and the same math.
+
+With XLA's default YNNPACK fusions, XLA:CPU hands SD's 3x3 convolutions to YNNPACK, which was
+slower than its own convolutions on the project's machine; turning those fusions off made
+the full-size UNet step 10-21% faster and kept every output within float rounding (1e-6
+relative) of PyTorch's (BENCHMARKS.md, "XLA:CPU flags"). XLA reads ``XLA_FLAGS`` once, when
+JAX starts its backends, so ``import imvar_jax`` adds them then, if nothing has started yet.
+
+They are left out when the user's ``XLA_FLAGS`` already sets the same flag (the user's value
+wins), when ``IMVAR_JAX_KEEP_XLA_FLAGS=1``, when a backend already started (too late to take
+effect), and on a jaxlib other than the measured one: XLA aborts the process on a flag it
+does not know, and these are experimental flags that may be renamed.
+"""
+
+from __future__ import annotations
+
+import os
+
+CPU_FLAGS: tuple[str, ...] = ("--xla_cpu_experimental_ynn_fusion_type=",)
+OPT_OUT = "IMVAR_JAX_KEEP_XLA_FLAGS"
+_MEASURED_JAXLIB = "0.10."
+
+
+def _backends_started() -> bool:
+    try:
+        from jax._src import xla_bridge
+
+        return bool(xla_bridge.backends_are_initialized())
+    except (ImportError, AttributeError):
+        # Without a way to tell, assume the worst: a flag set too late would silently do nothing.
+        return True
+
+
+def apply_cpu_flags() -> tuple[str, ...]:
+    """Append ``CPU_FLAGS`` to ``XLA_FLAGS`` where the module docstring's rules allow; return those added."""
+    import jaxlib
+
+    if os.environ.get(OPT_OUT, "0") not in ("", "0") or not jaxlib.__version__.startswith(_MEASURED_JAXLIB):
+        return ()
+    if _backends_started():
+        return ()
+    current = os.environ.get("XLA_FLAGS", "")
+    added = tuple(flag for flag in CPU_FLAGS if flag.split("=")[0] not in current)
+    if added:
+        os.environ["XLA_FLAGS"] = " ".join([current, *added]).strip()
+    return added
