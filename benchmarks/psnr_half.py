@@ -17,7 +17,6 @@ import numpy as np
 
 from imvar_jax import ImageVariationPipeline
 
-SETTINGS = (("bfloat16", None), ("bfloat16", "float32"), ("float16", None), ("float16", "float32"))
 
 
 def parse_args() -> argparse.Namespace:
@@ -27,6 +26,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=4, help="PNDM steps (default 4)")
     p.add_argument("--guidance", type=float, default=3.0)
     p.add_argument("--pictures", type=int, default=2, help="inputs, one variation each (default 2)")
+    p.add_argument("--half", nargs="+", choices=("bfloat16", "float16"), default=["bfloat16", "float16"],
+                   help="half-precision dtypes to compare, each with its own VAE dtype and a float32 VAE")
     return p.parse_args()
 
 
@@ -56,7 +57,7 @@ def main() -> None:
     print(f"{args.model}: {args.pictures} pictures, {args.steps} PNDM steps, guidance {args.guidance}; "
           f"float32 took {seconds:.1f} s", flush=True)
     rows = []
-    for dtype, vae_dtype in SETTINGS:
+    for dtype, vae_dtype in [(half, vae) for half in args.half for vae in (None, "float32")]:
         images, seconds = run(args, dtype, vae_dtype)
         finite = bool(np.all(np.isfinite(images)))
         rows.append((dtype, vae_dtype or dtype, psnr(images, reference), float(np.max(np.abs(images - reference))),
