@@ -18,7 +18,6 @@ import numpy as np
 from imvar_jax import ImageVariationPipeline
 
 
-
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="tiny", help="converted folder, diffusers folder or 'tiny' (default)")
