@@ -61,8 +61,15 @@ def _plain_on(params: dict[str, Any], device: jax.Device) -> bool:
 
 
 def _check_attention(attention: Any) -> None:
+    """Refuse what cannot work here at load time, not at the first call's tracing."""
     if attention not in ATTENTION_IMPLS:
         raise ValueError(f"attention: unknown {attention!r} (choose one of {', '.join(ATTENTION_IMPLS)})")
+    backend = jax.default_backend()
+    if attention == "cudnn" and backend not in ("gpu", "cuda"):
+        raise ValueError(f"attention: 'cudnn' needs an NVIDIA GPU but JAX's backend is {backend!r}; use 'auto'")
+    if attention == "splash" and backend != "tpu":
+        log.warning("attention='splash' off a TPU runs the kernel in Pallas interpret mode: correct but very "
+                    "slow, meant for testing; 'auto' picks the fast choice for %s", backend)
 
 
 # The checkpoint's own scheduler, for folders that lack scheduler/scheduler_config.json.

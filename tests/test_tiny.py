@@ -90,6 +90,8 @@ def test_from_pretrained_tiny_honours_the_options():
         ImageVariationPipeline.from_pretrained("tiny", vae_dtype="int8")
     with pytest.raises(ValueError, match="^attention: unknown 'flash'"):
         ImageVariationPipeline.from_pretrained("tiny", attention="flash")
+    with pytest.raises(ValueError, match="^attention: 'cudnn' needs an NVIDIA GPU but JAX's backend is 'cpu'"):
+        ImageVariationPipeline.from_pretrained("tiny", attention="cudnn")
 
 
 def test_generate_gives_the_same_pictures_twice():
