@@ -46,6 +46,11 @@ def replicated_devices(tree: Any) -> list[jax.Device] | None:
     return devices
 
 
+def on_device(tree: Any, device: jax.Device) -> bool:
+    """Whether every leaf of ``tree`` is a plain (unreplicated) array on ``device`` alone."""
+    return all(isinstance(x, jax.Array) and x.sharding.device_set == {device} for x in jax.tree.leaves(tree))
+
+
 def shard(x: Any, num_devices: int | None = None) -> Any:
     """Split the leading axis ``[B, ...]`` into ``[D, B // D, ...]``; B must divide by D."""
     d = num_devices or jax.local_device_count()

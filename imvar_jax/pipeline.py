@@ -20,7 +20,7 @@ from .models.layers import ATTENTION_IMPLS
 from .models.safety_checker import SafetyChecker
 from .models.unet import UNet2DConditionModel
 from .models.vae import AutoencoderKL, sample_latent
-from .parallel import image_keys, pad_batch, replicate, replicated_devices, shard, unreplicate
+from .parallel import image_keys, on_device, pad_batch, replicate, replicated_devices, shard, unreplicate
 from .precision import resolve_dtypes
 from .preprocessing import prepare_inputs, to_pil
 from .sampling import Models, SampleOptions, sample
@@ -53,11 +53,6 @@ def _move_to_devices(tree: dict[str, Any], put: Callable[[Any], jax.Array]) -> d
         out[key] = _move_to_devices(value, put) if isinstance(value, dict) else jax.block_until_ready(put(value))
         del value
     return out
-
-
-def _plain_on(params: dict[str, Any], device: jax.Device) -> bool:
-    """Whether every leaf of ``params`` is a single-device array on ``device``."""
-    return all(isinstance(x, jax.Array) and x.sharding.device_set == {device} for x in jax.tree.leaves(params))
 
 
 def _check_attention(attention: Any) -> None:
@@ -443,7 +438,7 @@ class ImageVariationPipeline:
                 raise ValueError(f"latents: expected {n * k} (inputs x num_images_per_prompt), got {latents.shape[0]}")
             latents = pad_batch(latents, d)
         on = replicated_devices(params)
-        if on is None and d == 1 and _plain_on(params, devices[0]):
+        if on is None and d == 1 and on_device(params, devices[0]):
             # One device already holding the params: the single-device program, without a second copy.
             out = self(pictures, params, seed, num_images_per_prompt=1, latents=latents, jit=False,
                        first_index=starts, **kwargs)
