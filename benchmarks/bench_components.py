@@ -84,6 +84,11 @@ def main() -> None:
     if args.xla_flags:
         # XLA reads its flags once, when JAX initialises its backends: set them before importing JAX.
         os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + args.xla_flags).strip()
+    # imvar-jax's adopted XLA:CPU flag, after --xla-flags so that a value given there wins, and
+    # before anything starts a JAX backend; IMVAR_JAX_KEEP_XLA_FLAGS=1 measures XLA's defaults.
+    from imvar_jax.xla_flags import apply_cpu_flags
+
+    apply_cpu_flags()
     import jax
     import numpy as np
     import torch

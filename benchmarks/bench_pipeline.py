@@ -84,6 +84,11 @@ def worker(args: argparse.Namespace) -> None:
 
 
 def main() -> None:
+    # imvar-jax's adopted XLA:CPU flag, before anything starts a JAX backend (children inherit it);
+    # IMVAR_JAX_KEEP_XLA_FLAGS=1 measures XLA's defaults.
+    from imvar_jax.xla_flags import apply_cpu_flags
+
+    apply_cpu_flags()
     args = parse_args()
     if args.worker:
         worker(args)

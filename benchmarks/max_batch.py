@@ -23,12 +23,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from imvar_jax.models import abstract_params
 from imvar_jax.models.clip_vision import CLIPVisionConfig
-from imvar_jax.models.clip_vision import abstract_params as clip_params
 from imvar_jax.models.unet import UNetConfig
-from imvar_jax.models.unet import abstract_params as unet_params
 from imvar_jax.models.vae import VAEConfig
-from imvar_jax.models.vae import abstract_params as vae_params
 from imvar_jax.pipeline import SD_V1_SCHEDULER_CONFIG, ImageVariationPipeline
 from imvar_jax.precision import resolve_dtypes
 from imvar_jax.sampling import Models, SampleOptions, sample
@@ -73,13 +71,18 @@ def memory_at(pipe: ImageVariationPipeline, params: dict, batch: int, size: int,
 
 
 def main() -> None:
+    # imvar-jax's adopted XLA:CPU flag, before anything starts a JAX backend;
+    # IMVAR_JAX_KEEP_XLA_FLAGS=1 measures XLA's defaults.
+    from imvar_jax.xla_flags import apply_cpu_flags
+
+    apply_cpu_flags()
     args = parse_args()
     dtype, vae_dtype = resolve_dtypes(args.dtype, args.vae_dtype)
     configs = {"unet": UNetConfig.sd_v1(), "vae": VAEConfig.sd_v1(), "image_encoder": CLIPVisionConfig.sd_v1()}
     pipe = ImageVariationPipeline.from_configs(configs, dtype=dtype, vae_dtype=vae_dtype,
                                                scheduler_config=dict(SD_V1_SCHEDULER_CONFIG))
-    params = {"unet": unet_params(configs["unet"], dtype), "vae": vae_params(configs["vae"], vae_dtype),
-              "image_encoder": clip_params(configs["image_encoder"], dtype)}
+    params = {"unet": abstract_params(configs["unet"], dtype), "vae": abstract_params(configs["vae"], vae_dtype),
+              "image_encoder": abstract_params(configs["image_encoder"], dtype)}
     print(f"jax {jax.__version__}, backend {jax.default_backend()} ({jax.devices()[0].device_kind}); "
           f"dtype {dtype.name}, VAE {vae_dtype.name}; {args.size}x{args.size}, guided; "
           f"budget {args.budget_gib:g} GiB", flush=True)

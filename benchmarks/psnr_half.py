@@ -51,6 +51,11 @@ def run(args: argparse.Namespace, dtype: str, vae_dtype: str | None) -> tuple[np
 
 
 def main() -> None:
+    # imvar-jax's adopted XLA:CPU flag, before anything starts a JAX backend;
+    # IMVAR_JAX_KEEP_XLA_FLAGS=1 measures XLA's defaults.
+    from imvar_jax.xla_flags import apply_cpu_flags
+
+    apply_cpu_flags()
     args = parse_args()
     reference, seconds = run(args, "float32", None)
     print(f"{args.model}: {args.pictures} pictures, {args.steps} PNDM steps, guidance {args.guidance}; "

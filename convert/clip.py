@@ -4,10 +4,9 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+from imvar_jax.models import abstract_params
 from imvar_jax.models.clip_vision import CLIPVisionConfig
-from imvar_jax.models.clip_vision import abstract_params as image_encoder_abstract_params
 from imvar_jax.models.safety_checker import SafetyCheckerConfig
-from imvar_jax.models.safety_checker import abstract_params as safety_checker_abstract_params
 
 from .common import ComponentSpec, Rule, conv_rules, linear_rules, norm_rules, param_rule
 
@@ -54,7 +53,7 @@ IMAGE_ENCODER_SPEC = ComponentSpec(
     name="image_encoder",
     read_config=lambda d: CLIPVisionConfig.from_json(d / "config.json"),
     table=image_encoder_table,
-    abstract_params=image_encoder_abstract_params,
+    abstract_params=abstract_params,
     ignored=(_POSITION_IDS,),
 )
 
@@ -62,6 +61,6 @@ SAFETY_CHECKER_SPEC = ComponentSpec(
     name="safety_checker",
     read_config=lambda d: SafetyCheckerConfig.from_json(d / "config.json"),
     table=safety_checker_table,
-    abstract_params=safety_checker_abstract_params,
+    abstract_params=abstract_params,
     ignored=(f"vision_model.{_POSITION_IDS}", _POSITION_IDS),
 )

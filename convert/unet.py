@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from imvar_jax.models.unet import UNetConfig, abstract_params
+from imvar_jax.models import abstract_params
+from imvar_jax.models.unet import UNetConfig
 
 from .common import ComponentSpec, Rule, conv_rules, linear_rules, norm_rules, resnet_rules
 

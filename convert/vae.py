@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from imvar_jax.models.vae import VAEConfig, abstract_params
+from imvar_jax.models import abstract_params
+from imvar_jax.models.vae import VAEConfig
 
 from .common import ComponentSpec, Rule, conv_rules, linear_rules, norm_rules, resnet_rules
 

@@ -15,14 +15,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from .models import abstract_params
 from .models.clip_vision import CLIPVisionConfig
-from .models.clip_vision import abstract_params as clip_shapes
 from .models.safety_checker import SafetyCheckerConfig
-from .models.safety_checker import abstract_params as checker_shapes
 from .models.unet import UNetConfig
-from .models.unet import abstract_params as unet_shapes
 from .models.vae import VAEConfig
-from .models.vae import abstract_params as vae_shapes
 from .pipeline import SD_V1_SCHEDULER_CONFIG, ImageVariationPipeline
 from .precision import resolve_dtypes
 from .preprocessing import CLIP_MEAN, CLIP_STD
@@ -87,9 +84,7 @@ def tiny_params(seed: int = 0) -> dict[str, Any]:
     2-core CPU, against well under a second for one ``jax.random.normal`` over all values.
     """
     configs = tiny_configs()
-    shapes = {"unet": unet_shapes(configs["unet"]), "vae": vae_shapes(configs["vae"]),
-              "image_encoder": clip_shapes(configs["image_encoder"]),
-              "safety_checker": checker_shapes(configs["safety_checker"])}
+    shapes = {name: abstract_params(config) for name, config in configs.items()}
     leaves, treedef = jax.tree_util.tree_flatten_with_path(shapes)
     sizes = [math.prod(leaf.shape) for _, leaf in leaves]
     with jax.default_device(_init_device()):

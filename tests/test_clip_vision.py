@@ -19,7 +19,8 @@ from transformers import CLIPVisionModelWithProjection as TorchCLIPVisionModelWi
 from helpers import assert_close, randomize_, save_torch
 from imvar_jax.convert.clip import IMAGE_ENCODER_SPEC, image_encoder_table
 from imvar_jax.convert.common import ConversionError, convert_component, plan
-from imvar_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection, abstract_params
+from imvar_jax.models import abstract_params
+from imvar_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection
 from imvar_jax.models.config import ConfigError
 
 SD_V1_PARAMS = 303_966_208

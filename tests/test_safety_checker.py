@@ -19,9 +19,10 @@ from transformers import CLIPConfig
 from helpers import assert_close, randomize_, save_torch
 from imvar_jax.convert.clip import SAFETY_CHECKER_SPEC, safety_checker_table
 from imvar_jax.convert.common import convert_component, plan
+from imvar_jax.models import abstract_params
 from imvar_jax.models.clip_vision import CLIPVisionConfig
 from imvar_jax.models.config import ConfigError
-from imvar_jax.models.safety_checker import SafetyChecker, SafetyCheckerConfig, abstract_params
+from imvar_jax.models.safety_checker import SafetyChecker, SafetyCheckerConfig
 
 SD_V1_PARAMS = 303_966_208 + (17 + 3) * 768 + 17 + 3
 

@@ -142,7 +142,7 @@ def test_pndm_timesteps_of_the_checkpoint():
     sched = PNDMScheduler.from_config(CHECKPOINT)
     assert np.asarray(sched.set_timesteps(3, SHAPE).timesteps).tolist() == [667, 334, 334, 1]
     assert np.asarray(sched.set_timesteps(5, SHAPE).timesteps).tolist() == [801, 601, 601, 401, 201, 1]
-    assert sched.num_loop_steps(sched.set_timesteps(50, SHAPE)) == 51
+    assert len(sched.set_timesteps(50, SHAPE).timesteps) == 51
 
 
 def test_vmap_over_eta_and_inputs():

@@ -15,9 +15,10 @@ from diffusers import UNet2DConditionModel as TorchUNet
 from helpers import assert_close, randomize_, save_torch
 from imvar_jax.convert.common import convert_component, plan
 from imvar_jax.convert.unet import SPEC, table
+from imvar_jax.models import abstract_params
 from imvar_jax.models.config import ConfigError, to_dict
 from imvar_jax.models.layers import nearest_source_indices
-from imvar_jax.models.unet import UNet2DConditionModel, UNetConfig, abstract_params
+from imvar_jax.models.unet import UNet2DConditionModel, UNetConfig
 
 CONFIGS = {
     # The image-variation layout at toy size: int head count, 1x1-conv projections, one resnet per block.

@@ -18,8 +18,9 @@ from safetensors.torch import load_file, save_file
 from helpers import assert_close, randomize_, save_torch
 from imvar_jax.convert.common import ConversionError, convert_component, plan
 from imvar_jax.convert.vae import SPEC, table
+from imvar_jax.models import abstract_params
 from imvar_jax.models.config import ConfigError
-from imvar_jax.models.vae import AutoencoderKL, VAEConfig, abstract_params, sample_latent
+from imvar_jax.models.vae import AutoencoderKL, VAEConfig, sample_latent
 
 CONFIGS = {
     "tiny": VAEConfig.tiny(),

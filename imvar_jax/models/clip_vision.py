@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from imvar_jax.models.config import ConfigError, JsonConfig, check_supported, from_dict
+from imvar_jax.models.config import ConfigError, ConfigKeys, JsonConfig, check_value, field_names, from_dict
 from imvar_jax.models.layers import AttentionImpl, conv, dot_product_attention, layer_norm
 
 # transformers' "gelu" is the exact erf form; its default is "quick_gelu".
@@ -17,6 +17,28 @@ _ACTIVATIONS = ("quick_gelu", "gelu")
 
 # The CLIPConfig default that a safety checker's config.json may leave out.
 _CLIP_PROJECTION_DIM = 512
+
+# Keys every transformers config may hold (4.x wrote them all into nested sub-configs), none of
+# which the CLIP vision tower reads: output and return flags, the torch dtype and TorchScript
+# switch, attention-kernel choice, text generation and fine-tuning settings, label maps, token
+# ids, encoder-decoder wiring and weight tying (a vision tower has neither), and the hub's
+# bookkeeping. pruned_heads is the one that would change the model; it is pinned below.
+TRANSFORMERS_IGNORED = frozenset({
+    "architectures", "transformers_version", "torch_dtype", "dtype", "use_bfloat16", "torchscript",
+    "attn_implementation", "return_dict", "output_hidden_states", "output_attentions", "output_scores",
+    "return_dict_in_generate", "chunk_size_feed_forward", "is_encoder_decoder", "is_decoder", "add_cross_attention",
+    "cross_attention_hidden_size", "tie_encoder_decoder", "tie_word_embeddings", "tf_legacy_loss",
+    "gradient_checkpointing", "finetuning_task", "problem_type", "id2label", "label2id", "num_labels",
+    "tokenizer_class", "prefix", "task_specific_params", "bos_token_id", "pad_token_id", "eos_token_id",
+    "sep_token_id", "decoder_start_token_id", "max_length", "min_length", "do_sample", "early_stopping",
+    "num_beams", "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p", "typical_p",
+    "repetition_penalty", "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size",
+    "bad_words_ids", "num_return_sequences", "forced_bos_token_id", "forced_eos_token_id", "remove_invalid_values",
+    "exponential_decay_length_penalty", "suppress_tokens", "begin_suppress_tokens",
+})
+
+# A non-empty map removes attention heads, which this port does not implement.
+_PRUNED_HEADS = {"pruned_heads": ({},)}
 
 
 @dataclass(frozen=True)
@@ -35,7 +57,7 @@ class CLIPVisionConfig(JsonConfig):
     projection_dim: int = 512
 
     def __post_init__(self) -> None:
-        check_supported("clip_vision", {"hidden_act": self.hidden_act}, {"hidden_act": _ACTIVATIONS})
+        check_value("clip_vision", "hidden_act", self.hidden_act, _ACTIVATIONS)
         for field in ("image_size", "patch_size"):
             if not isinstance(getattr(self, field), int):
                 raise ConfigError(f"clip_vision: unsupported config value {field}={getattr(self, field)!r} "
@@ -53,26 +75,31 @@ class CLIPVisionConfig(JsonConfig):
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Self:
-        """Read a ``CLIPVisionConfig`` dict, or a ``CLIPConfig`` dict (see ``from_clip_config``)."""
-        check_supported("clip_vision", raw, {"model_type": ("clip_vision_model", "clip")})
+        """Read a ``CLIPVisionConfig`` dict (keys in ``CLIP_VISION_KEYS``), or a ``CLIPConfig`` one (see
+        ``from_clip_config``)."""
         if raw.get("model_type") == "clip" or "vision_config" in raw or "vision_config_dict" in raw:
             return cls.from_clip_config(raw)
-        return from_dict(cls, raw)
+        return from_dict(cls, raw, CLIP_VISION_KEYS)
 
     @classmethod
-    def from_clip_config(cls, raw: Mapping[str, Any]) -> Self:
+    def from_clip_config(cls, raw: Mapping[str, Any], name: str = "clip_vision") -> Self:
         """The vision tower of a ``CLIPConfig`` dict, as a safety checker's config.json holds.
 
         The tower is ``vision_config`` and the projection width the top-level
         ``projection_dim``; the sub-dict's own ``projection_dim`` belongs to nothing there.
+        Its keys must be in ``CLIP_CONFIG_KEYS``, the tower's in ``CLIP_VISION_KEYS``;
+        ``name`` names the config in errors.
         """
-        # transformers lets an old ``vision_config_dict`` (defaults filling what it omits)
-        # override ``vision_config`` field by field.
-        vision = raw.get("vision_config_dict") or raw.get("vision_config") or {}
-        if not isinstance(vision, Mapping):
-            raise ConfigError("clip_vision: vision_config must be a JSON object")
-        check_supported("clip_vision", vision, {"model_type": ("clip_vision_model",)})
-        return from_dict(cls, vision, projection_dim=raw.get("projection_dim", _CLIP_PROJECTION_DIM))
+        CLIP_CONFIG_KEYS.check(raw, name)
+        subs = {key: raw[key] for key in ("vision_config", "vision_config_dict") if raw.get(key) is not None}
+        for key, sub in subs.items():
+            if not isinstance(sub, Mapping):
+                raise ConfigError(f"{name}: {key} must be a JSON object")
+            # Both are checked: transformers overrides every tower field of vision_config with
+            # vision_config_dict's (defaults filling what it omits), but keeps its other keys.
+            CLIP_VISION_KEYS.check(sub, f"{name}.{key}")
+        vision = subs.get("vision_config_dict", subs.get("vision_config", {}))
+        return from_dict(cls, vision, CLIP_VISION_KEYS, projection_dim=raw.get("projection_dim", _CLIP_PROJECTION_DIM))
 
     @classmethod
     def sd_v1(cls) -> Self:
@@ -85,6 +112,26 @@ class CLIPVisionConfig(JsonConfig):
     def tiny(cls) -> Self:
         return cls(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
                    num_channels=3, image_size=32, patch_size=4, hidden_act="quick_gelu", projection_dim=16)
+
+    def init_example(self) -> tuple[CLIPVisionModelWithProjection, tuple[jax.ShapeDtypeStruct, ...]]:
+        """The model and the smallest inputs whose ``init`` creates every param (see ``abstract_params``)."""
+        s = self.image_size
+        return CLIPVisionModelWithProjection(self), (jax.ShapeDtypeStruct((1, s, s, self.num_channels), jnp.float32),)
+
+
+CLIP_VISION_KEYS = ConfigKeys(
+    "clip_vision", read=field_names(CLIPVisionConfig),
+    pinned={"model_type": ("clip_vision_model",), **_PRUNED_HEADS},
+    # Dropout is off at inference; the initializer scales only draw fresh weights.
+    ignored=TRANSFORMERS_IGNORED | {"attention_dropout", "dropout", "initializer_range", "initializer_factor"})
+
+# A CLIPConfig (the safety checker's config.json) around the vision tower. The checker has no
+# text tower and no logit scale, so their settings cannot change it.
+CLIP_CONFIG_KEYS = ConfigKeys(
+    "clip", read=frozenset({"vision_config", "vision_config_dict", "projection_dim"}),
+    pinned={"model_type": ("clip",), **_PRUNED_HEADS},
+    ignored=TRANSFORMERS_IGNORED | {"text_config", "text_config_dict", "logit_scale_init_value", "initializer_range",
+                                    "initializer_factor"})
 
 
 def _activation(name: str, x: jax.Array) -> jax.Array:
@@ -209,11 +256,3 @@ class CLIPVisionModelWithProjection(nn.Module):
         hidden, pooled = self.vision_model(pixel_values)
         return self.visual_projection(pooled), hidden
 
-
-def abstract_params(config: CLIPVisionConfig, dtype: jnp.dtype = jnp.float32) -> dict:
-    """The params tree as ``jax.ShapeDtypeStruct`` leaves, without allocating or computing anything."""
-    model = CLIPVisionModelWithProjection(config)
-    s = config.image_size
-    pixels = jax.ShapeDtypeStruct((1, s, s, config.num_channels), jnp.float32)
-    shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), pixels)["params"]
-    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), shapes)

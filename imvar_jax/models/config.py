@@ -1,30 +1,86 @@
-"""Frozen model configs read from a checkpoint's ``config.json``."""
+"""Frozen model configs read from a checkpoint's ``config.json``, through an accept-list of its keys."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import reprlib
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, TypeVar
+from typing import Any, Literal, Mapping, TypeVar
 
 C = TypeVar("C")
 
+KeyKind = Literal["read", "pinned", "ignored"]
+
+# Values in messages stay short and on one line, whatever a config holds.
+_short = reprlib.Repr()
+_short.maxstring = _short.maxother = 60
+_repr = _short.repr
+
 
 class ConfigError(ValueError):
-    """A config value this implementation does not support, named by field."""
+    """A config key or value this implementation does not support, named by key."""
 
 
-def check_supported(name: str, raw: Mapping[str, Any], supported: Mapping[str, tuple]) -> None:
-    """Raise on any architecture-changing field whose value we do not implement.
+@dataclass(frozen=True)
+class ConfigKeys:
+    """Every key one kind of ``config.json`` may hold, by what this port does with it.
 
-    ``supported`` maps a field to the values we accept; a field absent from
-    ``raw`` takes the reference's default, which is always the first entry.
+    ``read`` keys are parsed into the config. ``pinned`` keys change the model in ways this
+    port does not implement, so each must hold one of its listed values (the reference
+    library's default first) or be absent. ``ignored`` keys cannot change the output:
+    metadata, dropout (off at inference), init scales, output flags. Keys starting with
+    ``_`` are metadata. Any other key is refused: a newer library may have added an option
+    that would otherwise be dropped silently, giving a different model with no error.
     """
-    for field, allowed in supported.items():
-        if field in raw and _normalise(raw[field]) not in [_normalise(a) for a in allowed]:
-            raise ConfigError(
-                f"{name}: unsupported config value {field}={raw[field]!r} (supported: {list(allowed)!r})"
-            )
+
+    name: str
+    read: frozenset[str]
+    pinned: Mapping[str, tuple[Any, ...]]
+    ignored: frozenset[str]
+
+    def kind(self, key: str) -> KeyKind | None:
+        """How ``key`` is classified; None for a key this port does not know."""
+        if key in self.read:
+            return "read"
+        if key in self.pinned:
+            return "pinned"
+        if key in self.ignored or key.startswith("_"):
+            return "ignored"
+        return None
+
+    def check(self, raw: Mapping[str, Any], where: str | None = None) -> None:
+        """Raise ``ConfigError`` on the first unknown key, or pinned key with an unsupported value.
+
+        ``where`` names the config in messages (default ``name``), e.g. a nested sub-config.
+        """
+        where = where or self.name
+        for key, value in raw.items():
+            kind = self.kind(key)
+            if kind is None:
+                raise ConfigError(
+                    f"unknown config key {key!r} in {where} config (value {_repr(value)}): imvar-jax does not "
+                    f"know whether it changes the model; delete the key if you know it has no effect, else "
+                    f"this checkpoint is not supported")
+            if kind == "pinned":
+                check_value(where, key, value, self.pinned[key])
+
+
+def check_value(name: str, key: str, value: Any, allowed: tuple[Any, ...]) -> None:
+    """Raise ``ConfigError`` unless ``value`` is one of ``allowed`` (a bool matches only a bool)."""
+    if not any(_same(value, a) for a in allowed):
+        raise ConfigError(f"{name}: unsupported config value {key}={_repr(value)} (supported: {_repr(list(allowed))})")
+
+
+def _same(a: Any, b: Any) -> bool:
+    # JSON's true equals 1 in Python, which would let a bool stand in for a number.
+    if isinstance(a, bool) or isinstance(b, bool) or a is None or b is None:
+        return type(a) is type(b) and a == b
+    a, b = _normalise(a), _normalise(b)
+    if isinstance(a, tuple) and isinstance(b, tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b))
+    return a == b
 
 
 def _normalise(value: Any) -> Any:
@@ -33,10 +89,14 @@ def _normalise(value: Any) -> Any:
     return value
 
 
-def from_dict(cls: type[C], raw: Mapping[str, Any], **overrides: Any) -> C:
-    """Build ``cls`` from the known keys of ``raw``; lists become tuples so the config is hashable."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    kwargs = {k: _normalise(v) for k, v in raw.items() if k in names}
+def field_names(cls: type) -> frozenset[str]:
+    return frozenset(f.name for f in dataclasses.fields(cls))
+
+
+def from_dict(cls: type[C], raw: Mapping[str, Any], keys: ConfigKeys, **overrides: Any) -> C:
+    """Check ``raw`` against ``keys``, then build ``cls`` from its read keys; lists become tuples (hashable)."""
+    keys.check(raw)
+    kwargs = {k: _normalise(v) for k, v in raw.items() if k in keys.read}
     kwargs.update(overrides)
     return cls(**kwargs)
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from imvar_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionTransformer
-from imvar_jax.models.config import JsonConfig, check_supported
+from imvar_jax.models.config import JsonConfig
 from imvar_jax.models.layers import AttentionImpl
 
 # diffusers fixes these counts in the module, not in the config.
@@ -33,8 +33,8 @@ class SafetyCheckerConfig(JsonConfig):
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Self:
-        check_supported("safety_checker", raw, {"model_type": ("clip",)})
-        vision = CLIPVisionConfig.from_clip_config(raw)
+        """Read a ``CLIPConfig`` dict; its keys must be in ``CLIP_CONFIG_KEYS``, its tower's in ``CLIP_VISION_KEYS``."""
+        vision = CLIPVisionConfig.from_clip_config(raw, "safety_checker")
         return cls(vision_config=vision, projection_dim=vision.projection_dim)
 
     @classmethod
@@ -46,6 +46,12 @@ class SafetyCheckerConfig(JsonConfig):
     def tiny(cls) -> Self:
         vision = CLIPVisionConfig.tiny()
         return cls(vision_config=vision, projection_dim=vision.projection_dim)
+
+    def init_example(self) -> tuple[SafetyChecker, tuple[jax.ShapeDtypeStruct, ...]]:
+        """The model and the smallest inputs whose ``init`` creates every param (see ``abstract_params``)."""
+        v = self.vision_config
+        pixels = jax.ShapeDtypeStruct((1, v.image_size, v.image_size, v.num_channels), jnp.float32)
+        return SafetyChecker(self), (pixels,)
 
 
 class CLIPVisionModel(nn.Module):
@@ -116,11 +122,3 @@ class SafetyChecker(nn.Module):
         image_embeds, _, concept = self.scores(pixel_values)
         return image_embeds, jnp.any(_positive(concept), axis=1)
 
-
-def abstract_params(config: SafetyCheckerConfig, dtype: jnp.dtype = jnp.float32) -> dict:
-    """The params tree as ``jax.ShapeDtypeStruct`` leaves, without allocating or computing anything."""
-    model = SafetyChecker(config)
-    v = config.vision_config
-    pixels = jax.ShapeDtypeStruct((1, v.image_size, v.image_size, v.num_channels), jnp.float32)
-    shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), pixels)["params"]
-    return jax.tree_util.tree_map(lambda a: jax.ShapeDtypeStruct(a.shape, dtype), shapes)

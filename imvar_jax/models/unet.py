@@ -10,21 +10,25 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from imvar_jax.models.config import ConfigError, JsonConfig, check_supported, from_dict, to_dict
+from imvar_jax.models.config import ConfigError, ConfigKeys, JsonConfig, check_value, field_names, from_dict
 from imvar_jax.models.layers import AttentionImpl, conv, group_norm
 from imvar_jax.models.unet_blocks import DownBlock2D, TransformerSpec, UNetMidBlock2DCrossAttn, UpBlock2D
 
 _DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 _UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
 
-# Field -> accepted values; the first is diffusers' default (see config.check_supported). Every
-# other value changes the architecture in a way this port does not implement.
-_SUPPORTED = {
+# Options of diffusers' UNet2DConditionModel that this port does not implement, each with the
+# values it accepts (diffusers' default first). Most add an embedding, a projection or another
+# block type; several only scale, shift or re-route activations and add no tensor, so nothing but
+# this check would notice them. Some (the addition embedding's heads and dims, the simple
+# cross-attention blocks' norm) act only together with another pinned option, but a checkpoint
+# that sets them was built for that option.
+_PINNED = {
     "center_input_sample": (False,),
     "mid_block_type": ("UNetMidBlock2DCrossAttn",),
     "only_cross_attention": (False,),
+    "mid_block_only_cross_attention": (None,),
     "dual_cross_attention": (False,),
-    "downsample_padding": (1, 0),
     "mid_block_scale_factor": (1,),
     "act_fn": ("silu", "swish"),  # both are SiLU in diffusers
     "num_attention_heads": (None,),  # diffusers itself refuses any other value
@@ -34,8 +38,13 @@ _SUPPORTED = {
     "class_embed_type": (None,),
     "num_class_embeds": (None,),
     "class_embeddings_concat": (False,),
+    "projection_class_embeddings_input_dim": (None,),
     "addition_embed_type": (None,),
+    "addition_embed_type_num_heads": (64,),
+    "addition_time_embed_dim": (None,),
     "resnet_time_scale_shift": ("default",),
+    "resnet_skip_time_act": (False,),
+    "resnet_out_scale_factor": (1.0,),
     "time_embedding_type": ("positional",),
     "time_embedding_act_fn": (None,),
     "timestep_post_act": (None,),
@@ -43,7 +52,11 @@ _SUPPORTED = {
     "conv_in_kernel": (3,),
     "conv_out_kernel": (3,),
     "attention_type": ("default",),
+    "cross_attention_norm": (None,),
 }
+
+# The downsampler paddings the model implements (diffusers takes any int).
+_DOWNSAMPLE_PADDINGS = (1, 0)
 
 # The frequencies of the sinusoidal timestep embedding span periods up to this.
 _MAX_PERIOD = 10000.0
@@ -60,32 +73,26 @@ class UNetConfig(JsonConfig):
     sample_size: int | tuple[int, ...] | None = None
     in_channels: int = 4
     out_channels: int = 4
-    center_input_sample: bool = False
     flip_sin_to_cos: bool = True
     freq_shift: float = 0
     down_block_types: tuple[str, ...] = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
                                          "DownBlock2D")
-    mid_block_type: str = "UNetMidBlock2DCrossAttn"
     up_block_types: tuple[str, ...] = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D",
                                        "CrossAttnUpBlock2D")
-    only_cross_attention: bool = False
     block_out_channels: tuple[int, ...] = (320, 640, 1280, 1280)
     layers_per_block: int | tuple[int, ...] = 2
     downsample_padding: int = 1
-    mid_block_scale_factor: float = 1
-    act_fn: str = "silu"
     norm_num_groups: int = 32
     norm_eps: float = 1e-5
     cross_attention_dim: int | tuple[int, ...] = 1280
     transformer_layers_per_block: int | tuple[int, ...] = 1
     attention_head_dim: int | tuple[int, ...] = 8
-    num_attention_heads: int | tuple[int, ...] | None = None
     use_linear_projection: bool = False
     upcast_attention: bool = False
     time_embedding_dim: int | None = None
 
     def __post_init__(self) -> None:
-        check_supported("unet", to_dict(self), _SUPPORTED)
+        check_value("unet", "downsample_padding", self.downsample_padding, _DOWNSAMPLE_PADDINGS)
         n = len(self.block_out_channels)
         if n == 0:
             raise ConfigError("unet: block_out_channels is empty")
@@ -158,8 +165,15 @@ class UNetConfig(JsonConfig):
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Self:
-        check_supported("unet", raw, _SUPPORTED)
-        return from_dict(cls, raw)
+        """Read a diffusers ``unet/config.json`` dict; every key must be in ``UNET_KEYS``."""
+        return from_dict(cls, raw, UNET_KEYS)
+
+    def init_example(self) -> tuple[UNet2DConditionModel, tuple[jax.ShapeDtypeStruct, ...]]:
+        """The model and the smallest inputs whose ``init`` creates every param (see ``abstract_params``)."""
+        f = self.downscale_factor
+        return UNet2DConditionModel(self), (jax.ShapeDtypeStruct((1, f, f, self.in_channels), jnp.float32),
+                                            jax.ShapeDtypeStruct((1,), jnp.float32),
+                                            jax.ShapeDtypeStruct((1, 1, self.context_dim), jnp.float32))
 
     @classmethod
     def sd_v1(cls) -> Self:
@@ -173,6 +187,12 @@ class UNetConfig(JsonConfig):
         return cls(sample_size=8, block_out_channels=(32, 64), layers_per_block=1, attention_head_dim=4,
                    cross_attention_dim=32, norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
+
+
+UNET_KEYS = ConfigKeys(
+    "unet", read=field_names(UNetConfig), pinned=_PINNED,
+    # Dropout is off at inference; diffusers' _class_name/_diffusers_version are metadata.
+    ignored=frozenset({"dropout"}))
 
 
 def timestep_embedding(timesteps: jax.Array, dim: int, flip_sin_to_cos: bool, freq_shift: float) -> jax.Array:
@@ -276,13 +296,3 @@ class UNet2DConditionModel(nn.Module):
         x = nn.silu(group_norm(groups, eps, self.dtype, "conv_norm_out")(x))
         return conv(cfg.out_channels, 3, self.dtype, "conv_out")(x).astype(jnp.float32)
 
-
-def abstract_params(config: UNetConfig, dtype: jnp.dtype = jnp.float32) -> dict[str, Any]:
-    """The params tree as ``jax.ShapeDtypeStruct``s, traced without allocating weights."""
-    f = config.downscale_factor
-    sample = jax.ShapeDtypeStruct((1, f, f, config.in_channels), jnp.float32)
-    context = jax.ShapeDtypeStruct((1, 1, config.context_dim), jnp.float32)
-    timesteps = jax.ShapeDtypeStruct((1,), jnp.float32)
-    model = UNet2DConditionModel(config)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), sample, timesteps, context)["params"]
-    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes)

@@ -9,7 +9,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from imvar_jax.models.config import ConfigError, JsonConfig, check_supported, from_dict
+from imvar_jax.models.config import ConfigError, ConfigKeys, JsonConfig, field_names, from_dict
 from imvar_jax.models.layers import (AttentionImpl, Downsample2D, ResnetBlock2D, Upsample2D, conv,
                                      dot_product_attention, group_norm)
 
@@ -19,15 +19,14 @@ _EPS = 1e-6
 # The range diffusers' DiagonalGaussianDistribution clamps the log-variance to.
 LOGVAR_MIN, LOGVAR_MAX = -30.0, 20.0
 
-# Field -> accepted values; the first is diffusers' default (see config.check_supported).
-_SUPPORTED = {
+# Options of diffusers' AutoencoderKL that this port does not implement, with the values it
+# accepts (diffusers' default first). The latent statistics add no tensor: pipelines of other
+# models (SD3, Flux) use them to shift and scale the latents, which SD-v1's pipeline never does.
+_PINNED = {
     "act_fn": ("silu", "swish"),  # both are SiLU in diffusers
     "shift_factor": (None,),
     "latents_mean": (None,),
     "latents_std": (None,),
-    "use_quant_conv": (True, False),
-    "use_post_quant_conv": (True, False),
-    "mid_block_add_attention": (True, False),
 }
 
 
@@ -41,15 +40,9 @@ class VAEConfig(JsonConfig):
     up_block_types: tuple[str, ...] = ("UpDecoderBlock2D",)
     block_out_channels: tuple[int, ...] = (64,)
     layers_per_block: int = 1
-    act_fn: str = "silu"
     latent_channels: int = 4
     norm_num_groups: int = 32
-    sample_size: int | tuple[int, ...] = 32
     scaling_factor: float = 0.18215
-    shift_factor: float | None = None
-    latents_mean: tuple[float, ...] | None = None
-    latents_std: tuple[float, ...] | None = None
-    force_upcast: bool = True
     use_quant_conv: bool = True
     use_post_quant_conv: bool = True
     mid_block_add_attention: bool = True
@@ -73,8 +66,13 @@ class VAEConfig(JsonConfig):
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Self:
-        check_supported("vae", raw, _SUPPORTED)
-        return from_dict(cls, raw)
+        """Read a diffusers ``vae/config.json`` dict; every key must be in ``VAE_KEYS``."""
+        return from_dict(cls, raw, VAE_KEYS)
+
+    def init_example(self) -> tuple[AutoencoderKL, tuple[jax.ShapeDtypeStruct, ...]]:
+        """The model and the smallest inputs whose ``init`` creates every param (see ``abstract_params``)."""
+        f = self.scale_factor
+        return AutoencoderKL(self), (jax.ShapeDtypeStruct((1, f, f, self.in_channels), jnp.float32),)
 
     @classmethod
     def sd_v1(cls) -> Self:
@@ -85,7 +83,6 @@ class VAEConfig(JsonConfig):
             layers_per_block=2,
             latent_channels=4,
             norm_num_groups=32,
-            sample_size=256,
         )
 
     @classmethod
@@ -97,8 +94,14 @@ class VAEConfig(JsonConfig):
             layers_per_block=1,
             latent_channels=4,
             norm_num_groups=16,
-            sample_size=32,
         )
+
+
+VAE_KEYS = ConfigKeys(
+    "vae", read=field_names(VAEConfig), pinned=_PINNED,
+    # sample_size only sizes diffusers' optional tiles; force_upcast tells diffusers' pipelines to
+    # decode float16 in float32, a choice imvar_jax leaves to vae_dtype.
+    ignored=frozenset({"sample_size", "force_upcast"}))
 
 
 class VAEAttention(nn.Module):
@@ -262,11 +265,3 @@ def sample_latent(mean: jax.Array, logvar: jax.Array, key: jax.Array) -> jax.Arr
     noise = jax.random.normal(key, mean.shape, jnp.float32)
     return (mean.astype(jnp.float32) + jnp.exp(0.5 * logvar.astype(jnp.float32)) * noise).astype(mean.dtype)
 
-
-def abstract_params(config: VAEConfig, dtype: jnp.dtype = jnp.float32) -> dict:
-    """The params tree as ``jax.ShapeDtypeStruct`` leaves, without allocating or computing anything."""
-    model = AutoencoderKL(config)
-    f = config.scale_factor
-    images = jax.ShapeDtypeStruct((1, f, f, config.in_channels), jnp.float32)
-    shapes = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), images)["params"]
-    return jax.tree_util.tree_map(lambda s: jax.ShapeDtypeStruct(s.shape, dtype), shapes)

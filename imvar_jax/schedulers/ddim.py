@@ -56,10 +56,6 @@ class DDIMScheduler:
             alpha_prev=jnp.asarray(alpha_prev, jnp.float32),
         )
 
-    @staticmethod
-    def num_loop_steps(state: DDIMState) -> int:
-        return int(state.timesteps.shape[0])
-
     def scale_model_input(self, state: DDIMState, sample: jax.Array, step_index: jax.Array) -> jax.Array:
         return sample
 

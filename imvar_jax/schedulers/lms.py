@@ -68,10 +68,6 @@ class LMSDiscreteScheduler:
             derivatives=jnp.zeros((ORDER, *shape), jnp.float32),
         )
 
-    @staticmethod
-    def num_loop_steps(state: LMSState) -> int:
-        return int(state.timesteps.shape[0])
-
     def scale_model_input(self, state: LMSState, sample: jax.Array, step_index: jax.Array) -> jax.Array:
         """x / sqrt(sigma^2 + 1): the UNet was trained on variance-preserving inputs sqrt(a) x."""
         sigma = state.sigmas[step_index]

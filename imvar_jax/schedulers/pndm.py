@@ -85,10 +85,6 @@ class PNDMScheduler:
             rk_sum=zeros,
         )
 
-    @staticmethod
-    def num_loop_steps(state: PNDMState) -> int:
-        return int(state.timesteps.shape[0])
-
     def scale_model_input(self, state: PNDMState, sample: jax.Array, step_index: jax.Array) -> jax.Array:
         return sample
 
