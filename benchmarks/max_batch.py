@@ -27,7 +27,8 @@ from imvar_jax.models import abstract_params
 from imvar_jax.models.clip_vision import CLIPVisionConfig
 from imvar_jax.models.unet import UNetConfig
 from imvar_jax.models.vae import VAEConfig
-from imvar_jax.pipeline import SD_V1_SCHEDULER_CONFIG, ImageVariationPipeline
+from imvar_jax.pipeline import ImageVariationPipeline
+from imvar_jax.schedulers import SD_V1_SCHEDULER_CONFIG
 from imvar_jax.precision import resolve_dtypes
 from imvar_jax.sampling import Models, SampleOptions, sample
 
@@ -77,7 +78,7 @@ def main() -> None:
 
     apply_cpu_flags()
     args = parse_args()
-    dtype, vae_dtype = resolve_dtypes(args.dtype, args.vae_dtype)
+    dtype, vae_dtype = resolve_dtypes(args.dtype, args.vae_dtype, jax.local_devices()[0].platform)
     configs = {"unet": UNetConfig.sd_v1(), "vae": VAEConfig.sd_v1(), "image_encoder": CLIPVisionConfig.sd_v1()}
     pipe = ImageVariationPipeline.from_configs(configs, dtype=dtype, vae_dtype=vae_dtype,
                                                scheduler_config=dict(SD_V1_SCHEDULER_CONFIG))

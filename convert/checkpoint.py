@@ -183,16 +183,3 @@ def load_converted(path: str | os.PathLike, dtype: Any = np.float32, include_saf
             raise ConversionError(f"{path}: unknown component '{name}' in {FORMAT_FILE}")
         config, params = load_converted_component(path, name, (component_dtypes or {}).get(name, dtype))
         yield name, config, params
-
-
-def resolve_source(src: str | os.PathLike, revision: str | None = None) -> Path:
-    """A local folder as is; a hub id (``owner/name``) as its snapshot in huggingface_hub's cache.
-
-    Downloads only configs and weights, safetensors when the repo has them (see
-    ``imvar_jax.hub.download``), and honours ``HF_HUB_OFFLINE`` and the usual cache variables.
-    """
-    # Imported here: imvar_jax.hub builds on this module.
-    from ..hub import download, local_folder
-
-    path = local_folder(src)
-    return path if path is not None else download(str(src), revision)

@@ -8,15 +8,12 @@ from .models.config import ConfigError
 from .models.safety_checker import SafetyChecker, SafetyCheckerConfig
 from .models.unet import UNet2DConditionModel, UNetConfig
 from .models.vae import AutoencoderKL, VAEConfig
-from .parallel import image_keys, replicate, shard, unreplicate, unshard
+from .parallel import Placement, image_keys, replicate, shard, unreplicate, unshard
 from .pipeline import ImageVariationOutput, ImageVariationPipeline
 from .preprocessing import prepare_inputs, to_pil
 from .schedulers import DDIMScheduler, LMSDiscreteScheduler, PNDMScheduler, make_scheduler
+from .settings import GenerationSettings, SettingsError
 from .xla_flags import apply_cpu_flags
-
-# Importing the modules above starts no JAX backend (tests/test_xla_flags.py checks), so the
-# flags still take effect; XLA reads them only when a backend starts.
-apply_cpu_flags()
 
 __version__ = "0.1.0"
 
@@ -27,15 +24,19 @@ __all__ = [
     "ConfigError",
     "ConversionError",
     "DDIMScheduler",
+    "GenerationSettings",
     "ImageVariationOutput",
     "ImageVariationPipeline",
     "LMSDiscreteScheduler",
     "PNDMScheduler",
+    "Placement",
     "SafetyChecker",
     "SafetyCheckerConfig",
+    "SettingsError",
     "UNet2DConditionModel",
     "UNetConfig",
     "VAEConfig",
+    "apply_cpu_flags",
     "convert_checkpoint",
     "image_keys",
     "make_scheduler",

@@ -3,19 +3,18 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
 from collections import Counter
 
 from .hub import DEFAULT_MODEL
-from .models.layers import ATTENTION_IMPLS
 from .precision import DTYPES
 
 
 def _convert(args: argparse.Namespace) -> int:
-    from .convert.checkpoint import convert_checkpoint, resolve_source
+    from .convert.checkpoint import convert_checkpoint
+    from .hub import resolve_source
 
     start = time.perf_counter()
     src = resolve_source(args.src, args.revision)
@@ -26,73 +25,18 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value < 2**32:
-        raise argparse.ArgumentTypeError(f"expected an integer in 0..{2**32 - 1}, got {text!r}")
-    return value
-
-
-def _finite(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value):
-        raise argparse.ArgumentTypeError(f"expected a finite number, got {text!r}")
-    return value
-
-
-def _non_negative(text: str) -> float:
-    value = _finite(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a number >= 0, got {text!r}")
-    return value
-
-
-def _size(text: str) -> tuple[int, int]:
-    """``HxW`` (or ``N`` for a square) -> ``(height, width)``."""
-    parts = text.lower().split("x")
-    try:
-        values = [int(p) for p in parts]
-    except ValueError:
-        values = []
-    if len(values) == 1:
-        values *= 2
-    if len(values) != 2 or min(values) < 1:
-        raise argparse.ArgumentTypeError(f"expected HEIGHTxWIDTH in pixels (e.g. 512x512), got {text!r}")
-    return values[0], values[1]
-
-
 def _generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from . import hub
-    from .batch import GenerateOptions, SettingsError, run_generate
+    from .batch import run_generate
+    from .settings import GenerationSettings, SettingsError
 
     if not args.no_compile_cache:
         hub.enable_compile_cache()
-    options = GenerateOptions(
-        model=args.model, revision=args.revision, num_per_image=args.num_per_image, steps=args.steps,
-        guidance=args.guidance, scheduler=args.scheduler, eta=args.eta, seed=args.seed, size=args.size,
-        preprocessing=args.preprocessing, dtype=args.dtype, vae_dtype=args.vae_dtype, attention=args.attention,
-        batch_size=args.batch_size,
-        safety_checker=not args.no_safety_checker, grid=args.grid)
     try:
-        summary = run_generate(args.inputs, args.out, options,
+        settings = GenerationSettings.from_args(args)
+        summary = run_generate(args.inputs, args.out, settings,
                                report=lambda line: tqdm.write(f"imvar-jax generate: error: {line}", file=sys.stderr))
     except SettingsError as e:
         # Settings that only the loaded model can judge (such as --size) are argument errors too.
@@ -143,10 +87,11 @@ def _info(args: argparse.Namespace) -> int:
     print(f"devices (default backend {jax.default_backend()}):")
     for (platform, kind), count in sorted(Counter((d.platform, d.device_kind) for d in jax.devices()).items()):
         print(f"  {platform}: {count} x {kind}")
-    dtype = args.dtype or default_dtype()
-    print(f"default dtype: {default_dtype()}")
-    print(f"XLA_FLAGS: {os.environ.get('XLA_FLAGS', '')!r} (imvar-jax adds {' '.join(CPU_FLAGS)} unless "
-          f"{OPT_OUT}=1; see imvar_jax.xla_flags)")
+    platform = jax.local_devices()[0].platform
+    dtype = args.dtype or default_dtype(platform)
+    print(f"default dtype: {default_dtype(platform)} (for the {platform} devices generate uses)")
+    print(f"XLA_FLAGS: {os.environ.get('XLA_FLAGS', '')!r} (the imvar-jax command adds {' '.join(CPU_FLAGS)} "
+          f"unless {OPT_OUT}=1; see imvar_jax.xla_flags)")
     print(f"imvar-jax cache: {hub.cache_dir()} (IMVAR_JAX_CACHE)")
     print(f"compile cache: {hub.compile_cache_dir()}")
     print(f"Hugging Face hub cache: {constants.HF_HUB_CACHE}")
@@ -155,9 +100,7 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _add_generate(sub) -> None:
-    from .hub import DEFAULT_MODEL, DEFAULT_REVISION
-    from .preprocessing import PREPROCESSINGS
-    from .schedulers import SCHEDULERS
+    from .settings import add_arguments
 
     gen = sub.add_parser(
         "generate", help="generate variations of many pictures into a folder (resumable)",
@@ -168,36 +111,8 @@ def _add_generate(sub) -> None:
     gen.add_argument("inputs", nargs="+", metavar="INPUT",
                      help="picture files (any extension), folders (searched recursively for image files) "
                           "or glob patterns (** recurses)")
-    gen.add_argument("--model", default=DEFAULT_MODEL,
-                     help=f"hub id, local diffusers or converted folder, or 'tiny' (default {DEFAULT_MODEL})")
-    gen.add_argument("--revision", default=None,
-                     help=f"hub revision (default {DEFAULT_REVISION} for the default model, else main)")
-    gen.add_argument("--num-per-image", type=_positive_int, default=4, metavar="K",
-                     help="variations per input (default 4)")
-    gen.add_argument("--steps", type=_positive_int, default=50, help="denoising steps (default 50)")
-    gen.add_argument("--guidance", type=_finite, default=3.0,
-                     help="classifier-free guidance scale; 1 or less turns guidance off (default 3.0)")
-    gen.add_argument("--scheduler", choices=list(SCHEDULERS), default="pndm", help="sampler (default pndm)")
-    gen.add_argument("--eta", type=_non_negative, default=0.0, help="DDIM eta (default 0)")
-    gen.add_argument("--seed", type=_seed, default=0,
-                     help="picture n of the run (input i, variation j: n = i*K + j) uses fold_in(seed, n) "
-                          "(default 0)")
-    gen.add_argument("--size", type=_size, default=None, metavar="HxW",
-                     help="output height x width in pixels (default: the model's, 512x512 for SD)")
-    gen.add_argument("--preprocessing", choices=list(PREPROCESSINGS), default="v2",
-                     help="v2: the v2.0 model card's resize (default); clip: the checkpoint's feature extractor")
-    gen.add_argument("--dtype", choices=list(DTYPES), default=None,
-                     help="params and activations (default bfloat16 on TPU/GPU, float32 on CPU)")
-    gen.add_argument("--vae-dtype", choices=list(DTYPES), default=None,
-                     help="the VAE's params and activations (default: --dtype); float32 avoids half-precision "
-                          "overflow when decoding")
-    gen.add_argument("--attention", choices=list(ATTENTION_IMPLS), default="auto",
-                     help="attention implementation (default auto: chosen per backend)")
-    gen.add_argument("--batch-size", type=_positive_int, default=1, help="inputs per device per call (default 1)")
-    gen.add_argument("--no-safety-checker", action="store_true", help="do not filter the generated pictures")
+    add_arguments(gen)
     gen.add_argument("--out", default="variations", help="output folder (default ./variations)")
-    gen.add_argument("--grid", action="store_true",
-                     help="also write OUT/<input stem>/grid.png: the input, then its variations")
     gen.add_argument("--no-compile-cache", action="store_true",
                      help="do not use JAX's persistent compilation cache")
     gen.set_defaults(func=_generate, subparser=gen)
@@ -235,7 +150,10 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .convert.common import ConversionError
     from .models.config import ConfigError
+    from .xla_flags import apply_cpu_flags
 
+    # Before any JAX backend starts (parsing --help starts none): the flags take effect only then.
+    apply_cpu_flags()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

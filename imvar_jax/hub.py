@@ -161,6 +161,23 @@ def resolve_model(model: str | os.PathLike, revision: str | None = None, dtype: 
     return dst
 
 
+def resolve_source(src: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local folder as is; a hub id (``owner/name``) as its snapshot in huggingface_hub's cache.
+
+    Downloads only configs and weights, safetensors when the repo has them (see ``download``),
+    and honours ``HF_HUB_OFFLINE`` and the usual cache variables.
+    """
+    path = local_folder(src)
+    return path if path is not None else download(str(src), revision)
+
+
+def recorded_revision(model: str, revision: str | None) -> str | None:
+    """The revision that outputs of ``model`` record: the pinned one for a hub id, None for local folders."""
+    if model == TINY_MODEL or Path(model).expanduser().exists() or not is_hub_id(model):
+        return None
+    return pinned_revision(model, revision)
+
+
 def is_cached(model: str | os.PathLike, revision: str | None = None, dtype: Any = "float32") -> bool:
     """Whether loading ``model`` needs neither a download nor a conversion.
 

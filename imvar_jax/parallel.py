@@ -1,12 +1,126 @@
-"""Devices: replicate params, shard batches, and per-picture PRNG keys that ignore the device count."""
+"""Placement: where work runs, how pictures are numbered and padded, and per-picture PRNG keys.
+
+One mechanism places every sharded computation (sampling, the safety check, the batch tool):
+a 1-D ``Mesh`` over the devices (axis ``AXIS``), batch axes split with ``NamedSharding`` and
+per-device bodies run through ``shard_map``. Params are replicated in ``replicate``'s stacked
+form ``[D, ...]``, which is what diffusers-Flax users pass to ``pmap``; inside a body each device
+sees its own ``[1, ...]`` block. A global mesh over several processes' devices is the same
+mechanism with ``jax.devices()`` in place of ``jax.local_devices()``.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+
+AXIS = "devices"
+
+
+@dataclass(frozen=True)
+class Placement:
+    """An ordered set of devices (by id) and the 1-D mesh over them; hashable, so it keys programs."""
+
+    devices: tuple[jax.Device, ...]
+
+    @classmethod
+    def of(cls, devices: Sequence[jax.Device] | None = None) -> "Placement":
+        devices = tuple(sorted(devices or jax.local_devices(), key=lambda d: d.id))
+        if not devices:
+            raise ValueError("devices: expected at least one device")
+        return cls(devices)
+
+    def __len__(self) -> int:
+        return len(self.devices)
+
+    @property
+    def platform(self) -> str:
+        """The devices' platform (``cpu``, ``gpu``, ``tpu``): backend-specific choices are made for it."""
+        return self.devices[0].platform
+
+    @property
+    def mesh(self) -> Mesh:
+        return Mesh(np.array(self.devices), (AXIS,))
+
+    def split(self, x: Any) -> jax.Array:
+        """A host batch ``[B, ...]`` (B divisible by the device count) as one array split over the devices."""
+        x = np.asarray(x)
+        if x.shape[0] % len(self):
+            raise ValueError(f"batch of {x.shape[0]} does not divide by {len(self)} devices (pad it first)")
+        return jax.device_put(x, NamedSharding(self.mesh, PartitionSpec(AXIS)))
+
+    def program(self, body: Callable[..., Any], params_stacked: bool, batch_args: Sequence[bool],
+                ) -> Callable[..., Any]:
+        """``body(params, *args)`` run on every device over its block of the batch, compiled once per shape.
+
+        ``params_stacked``: params come from ``replicate`` (``[D, ...]``, each device unstacks its
+        copy); otherwise they are plain and on every device of a one-device placement.
+        ``batch_args[i]``: argument i is split on its leading axis (else every device sees all of it).
+        The result is split on its leading axis, in device order.
+        """
+        if not params_stacked and len(self) != 1:
+            raise ValueError("params: plain params run on one device; replicate them for several")
+
+        def per_device(params, *args):
+            if params_stacked:
+                params = jax.tree.map(lambda a: a[0], params)  # [1, ...] -> this device's copy
+            return body(params, *args)
+
+        specs = (PartitionSpec(AXIS) if params_stacked else PartitionSpec(),
+                 *(PartitionSpec(AXIS) if b else PartitionSpec() for b in batch_args))
+        return jax.jit(jax.shard_map(per_device, mesh=self.mesh, in_specs=specs, out_specs=PartitionSpec(AXIS),
+                                     check_vma=False))
+
+
+@dataclass(frozen=True)
+class PicturePlan:
+    """Which picture each slot of a padded batch holds.
+
+    Picture ``p = i*k + j`` is variation j of input i (input-major) and has the global index
+    ``index[p]``, which alone decides its noise. Slots past ``count`` repeat the last picture so
+    every device gets the same number; their results are dropped.
+    """
+
+    source: np.ndarray  # [P] int: the real picture (0 .. count-1) each slot holds
+    index: np.ndarray  # [P] int64: the global index of that picture
+    count: int
+    k: int
+
+    @property
+    def inputs(self) -> np.ndarray:
+        """[P] the input each slot's picture varies."""
+        return self.source // self.k
+
+
+def picture_plan(n_inputs: int, k: int, first_index: int | Sequence[int] = 0, multiple: int = 1,
+                 slots: int | None = None) -> PicturePlan:
+    """The numbering and padding rule for ``n_inputs * k`` pictures spread over ``multiple`` devices.
+
+    ``first_index``: an int numbers the pictures from there on; one int per input gives each
+    input's first picture (its variation j is that + j), so a resumed job keeps everyone's noise.
+    ``slots``: pad to exactly this many (a multiple of ``multiple``), e.g. to keep one shape every call.
+    """
+    count = n_inputs * k
+    if isinstance(first_index, (int, np.integer)):
+        if first_index < 0:
+            raise ValueError(f"first_index: expected a non-negative int, got {first_index!r}")
+        index = np.arange(count, dtype=np.int64) + int(first_index)
+    else:
+        starts = np.asarray(first_index)
+        if (starts.shape != (n_inputs,) or not np.issubdtype(starts.dtype, np.integer)
+                or (starts.size and starts.min() < 0)):
+            raise ValueError(f"first_index: expected an int or {n_inputs} non-negative ints (one per input), "
+                             f"got {first_index!r}")
+        index = (starts.astype(np.int64)[:, None] + np.arange(k)).reshape(-1)  # [N*k]
+    total = -(-count // multiple) * multiple if slots is None else slots
+    if total < count or total % multiple:
+        raise ValueError(f"slots: {total} cannot hold {count} pictures in equal parts on {multiple} devices")
+    source = np.minimum(np.arange(total), count - 1)
+    return PicturePlan(source=source, index=index[source], count=count, k=k)
 
 
 def replicate(tree: Any, devices: Sequence[jax.Device] | None = None) -> Any:
@@ -68,14 +182,6 @@ def unshard(x: Any) -> Any:
     return jax.tree.map(lambda a: a.reshape(a.shape[0] * a.shape[1], *a.shape[2:]), x)
 
 
-def pad_batch(x: np.ndarray, multiple: int) -> np.ndarray:
-    """Repeat the last item until the leading axis divides by ``multiple`` (results are trimmed later)."""
-    extra = -x.shape[0] % multiple
-    if extra == 0:
-        return x
-    return np.concatenate([x, np.repeat(x[-1:], extra, axis=0)])
-
-
 def as_key(seed: int | jax.Array) -> jax.Array:
     """An int seed or a PRNG key (typed or raw ``uint32[2]``) -> a typed key."""
     if isinstance(seed, (int, np.integer)):
@@ -95,5 +201,10 @@ def image_keys(seed: int | jax.Array, count: int, start: int = 0) -> jax.Array:
 
     Picture i's noise depends only on (seed, i), never on how pictures are spread over devices.
     """
+    return picture_keys(seed, np.arange(start, start + count))
+
+
+def picture_keys(seed: int | jax.Array, indices: Any) -> jax.Array:
+    """Keys ``fold_in(key(seed), i)`` for each global picture index in ``indices``."""
     key = as_key(seed)
-    return jax.vmap(lambda i: jax.random.fold_in(key, i))(np.arange(start, start + count, dtype=np.uint32))
+    return jax.vmap(lambda i: jax.random.fold_in(key, i))(np.asarray(indices, dtype=np.uint32))

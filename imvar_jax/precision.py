@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import jax
 import ml_dtypes
 import numpy as np
 
@@ -35,13 +34,16 @@ def parse_dtype(dtype: Any, what: str = "dtype") -> np.dtype:
     return DTYPES[name]
 
 
-def default_dtype(backend: str | None = None) -> str:
-    """bfloat16 on accelerators (half the memory, their fast matmul path), float32 on CPU (bf16 is slow there)."""
-    backend = backend or jax.default_backend()
-    return "float32" if backend == "cpu" else "bfloat16"
+def default_dtype(platform: str) -> str:
+    """bfloat16 on accelerators (half the memory, their fast matmul path), float32 on CPU (bf16 is slow there).
+
+    ``platform`` is that of the devices the program will run on (``jax.Device.platform``), never
+    the host's default backend: a CPU host may be preparing work for accelerators.
+    """
+    return "float32" if platform == "cpu" else "bfloat16"
 
 
-def resolve_dtypes(dtype: Any = None, vae_dtype: Any = None) -> tuple[np.dtype, np.dtype]:
-    """``(dtype, vae_dtype)`` as numpy dtypes; ``dtype`` None is the backend's default, ``vae_dtype`` None follows it."""
-    main = parse_dtype(default_dtype() if dtype is None else dtype)
+def resolve_dtypes(dtype: Any, vae_dtype: Any, platform: str) -> tuple[np.dtype, np.dtype]:
+    """``(dtype, vae_dtype)`` as numpy dtypes; ``dtype`` None is ``platform``'s default, ``vae_dtype`` None follows it."""
+    main = parse_dtype(default_dtype(platform) if dtype is None else dtype)
     return main, main if vae_dtype is None else parse_dtype(vae_dtype, "vae_dtype")

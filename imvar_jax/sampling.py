@@ -1,7 +1,7 @@
 """The pure sampling program: encode pictures, denoise in one ``lax.fori_loop``, decode.
 
-Everything here is traceable and device-local: ``parallel.py`` wraps it in ``pmap`` and
-the pipeline in ``jit``. Static choices (images per input, guidance on/off, whether
+Everything here is traceable and device-local: the pipeline runs it on each device of a
+``parallel.Placement`` (``shard_map`` over a mesh, under ``jit``). Static choices (images per input, guidance on/off, whether
 latents are given) pick the program; ``guidance_scale``, ``eta``, the scheduler state
 (timesteps included) and ``callback_steps`` are traced values.
 """
@@ -52,13 +52,14 @@ def latent_noise(key: jax.Array, channels: int, size: tuple[int, int], stream: i
 def sample(models: Models, opts: SampleOptions, params: dict[str, Any], pixel_values: jax.Array,
            keys: jax.Array, latents: jax.Array | None, guidance_scale: jax.Array, eta: jax.Array,
            sched_state: Any, callback_steps: jax.Array, callback_warmup: jax.Array,
-           host_callback: Callable[..., None] | None = None) -> jax.Array:
+           host_callback: Callable[..., None] | None = None, callback_id: jax.Array | int = 0) -> jax.Array:
     """Generate ``N * k`` pictures ``[N*k, H, W, 3]`` float32 in [0, 1].
 
     pixel_values: ``[N, 3, S, S]`` CLIP-normalised inputs; keys: ``[N*k]`` PRNG keys, one per
     output picture, in output order (input-major); latents: ``[N*k, C, h, w]`` or None.
-    ``host_callback(step, timestep, latents)`` runs every ``callback_steps`` steps after the
-    first ``callback_warmup`` loop iterations (PNDM's extra warm-up call), as diffusers calls it.
+    ``host_callback(callback_id, step, timestep, latents)`` runs every ``callback_steps`` steps after
+    the first ``callback_warmup`` loop iterations (PNDM's extra warm-up call), as diffusers calls it;
+    ``callback_id`` is a traced value, so one compiled program serves every caller's callback.
     """
     unet, vae, scheduler = models.unet, models.vae, opts.scheduler
     dtype = unet.dtype
@@ -98,7 +99,7 @@ def sample(models: Models, opts: SampleOptions, params: dict[str, Any], pixel_va
         if opts.with_callback:
             last = i == state.timesteps.shape[0] - 1
             jax.lax.cond(((i + 1 > callback_warmup) | last) & (i % callback_steps == 0),
-                         lambda: jax.debug.callback(host_callback, i, t, jnp.transpose(x, (0, 3, 1, 2))),
+                         lambda: jax.debug.callback(host_callback, callback_id, i, t, jnp.transpose(x, (0, 3, 1, 2))),
                          lambda: None)
         return x, state
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Callable
+from typing import Any, Iterator
 
 import jax
 import jax.numpy as jnp
@@ -20,10 +20,7 @@ from .models.clip_vision import CLIPVisionConfig
 from .models.safety_checker import SafetyCheckerConfig
 from .models.unet import UNetConfig
 from .models.vae import VAEConfig
-from .pipeline import SD_V1_SCHEDULER_CONFIG, ImageVariationPipeline
-from .precision import resolve_dtypes
 from .preprocessing import CLIP_MEAN, CLIP_STD
-from .schedulers import SCHEDULERS
 
 # Concept scores are cosine similarities (at most 1) minus these weights, plus at most 0.01
 # once a special-care score is positive; weights of 2 keep every score below 0, so the random
@@ -99,35 +96,17 @@ def tiny_params(seed: int = 0) -> dict[str, Any]:
     return params
 
 
-def tiny_pipeline(*, scheduler: str = "pndm", dtype: Any = None, vae_dtype: Any = None, safety_checker: bool = True,
-                  seed: int = 0, attention: str = "auto", place: Callable[[Any], Any] | None = None,
-                  ) -> tuple[ImageVariationPipeline, dict[str, Any]]:
-    """A toy random-weight pipeline and its params, the same bits on every call and in every process.
+def iter_tiny_components(dtype: Any, vae_dtype: Any, include_safety_checker: bool = True, seed: int = 0,
+                         ) -> Iterator[tuple[str, Any, dict[str, Any]]]:
+    """Yield ``(name, config, params)`` per component, as ``load_converted`` does for a folder.
 
-    Pictures are ``16 x 16`` (UNet latents ``8 x 8``), the image encoder takes ``32 x 32``
-    pixel values; the scheduler config is the real checkpoint's (PNDM). ``scheduler``,
-    ``dtype``, ``vae_dtype``, ``safety_checker`` and ``attention`` mean what they mean in
-    ``ImageVariationPipeline.from_pretrained``; ``seed`` picks the weights. ``place`` puts each
-    component's host params on devices (default: the first local device).
+    Both dtypes are cast from the same float32 draw, so a float32 VAE here has the float32
+    model's exact weights. ``seed`` picks the weights: the same bits on every call and process.
     """
-    if scheduler not in SCHEDULERS:
-        raise ValueError(f"scheduler: unknown {scheduler!r} (choose one of {', '.join(SCHEDULERS)})")
-    dtype, vae_dtype = resolve_dtypes(dtype, vae_dtype)
     configs = tiny_configs()
     params = tiny_params(seed)
-    if not safety_checker:
-        del params["safety_checker"], configs["safety_checker"]
-    if place is None:
-        device = jax.local_devices()[0]
-
-        def place(tree):
-            return jax.device_put(tree, device)
-
-    # Both dtypes are cast from the same float32 draw, so a float32 VAE here has the float32 model's exact weights.
-    params = {name: place(jax.tree.map(lambda a, d=(vae_dtype if name == "vae" else dtype): a.astype(d), tree))
-              for name, tree in params.items()}
-    pipe = ImageVariationPipeline.from_configs(
-        configs, dtype=dtype, vae_dtype=vae_dtype, attention=attention, scheduler=scheduler,
-        scheduler_config=dict(SD_V1_SCHEDULER_CONFIG),
-        feature_extractor_config=tiny_feature_extractor_config(configs["image_encoder"].image_size))
-    return pipe, params
+    for name, config in configs.items():
+        if name == "safety_checker" and not include_safety_checker:
+            continue
+        want = np.dtype(vae_dtype if name == "vae" else dtype)
+        yield name, config, jax.tree.map(lambda a: a.astype(want), params.pop(name))

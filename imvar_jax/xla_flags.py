@@ -3,8 +3,10 @@
 With XLA's default YNNPACK fusions, XLA:CPU hands SD's 3x3 convolutions to YNNPACK, which was
 slower than its own convolutions on the project's machine; turning those fusions off made
 the full-size UNet step 10-21% faster and kept every output within float rounding (1e-6
-relative) of PyTorch's (BENCHMARKS.md, "XLA:CPU flags"). XLA reads ``XLA_FLAGS`` once, when
-JAX starts its backends, so ``import imvar_jax`` adds them then, if nothing has started yet.
+relative) of PyTorch's (BENCHMARKS.md, "Choosing the XLA:CPU flag"). XLA reads ``XLA_FLAGS``
+once, when JAX starts its backends. Importing imvar_jax changes nothing in the process: the
+``imvar-jax`` command and the benchmark scripts call ``apply_cpu_flags()`` first thing, and API
+users who want the flags call ``imvar_jax.apply_cpu_flags()`` before anything runs on JAX.
 
 They are left out when the user's ``XLA_FLAGS`` already sets the same flag (the user's value
 wins), when ``IMVAR_JAX_KEEP_XLA_FLAGS=1``, when a backend already started (too late to take

@@ -7,3 +7,9 @@ os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+# The suite runs on the XLA:CPU flags the imvar-jax command adopts (tests/test_xla_flags.py checks
+# they keep the math); importing imvar_jax itself sets nothing.
+from imvar_jax.xla_flags import apply_cpu_flags  # noqa: E402
+
+apply_cpu_flags()

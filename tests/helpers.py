@@ -58,3 +58,47 @@ def assert_close(ours, ref, rel: float = 1e-4, what: str = "") -> float:
     err = float(np.max(np.abs(ours - ref))) / scale
     assert err <= rel, f"{what}: max abs error {err:.3e} x max|ref| exceeds {rel:.0e}"
     return err
+
+
+class CompileLog:
+    """The programs XLA compiled while active, by name, read from JAX's own compile log.
+
+    ``jax.log_compiles()`` makes jax._src.dispatch log "Finished XLA compilation of NAME in ..."
+    once per real backend compile (a cache hit logs nothing), so counting those records counts
+    compiles without touching JAX internals.
+    """
+
+    _PREFIX = "Finished XLA compilation of "
+
+    def __init__(self) -> None:
+        self.names: list[str] = []
+
+    def __enter__(self) -> "CompileLog":
+        import logging
+
+        import jax
+
+        log = self
+
+        class _Handler(logging.Handler):
+            def emit(self, record: logging.LogRecord) -> None:
+                message = record.getMessage()
+                if message.startswith(CompileLog._PREFIX):
+                    log.names.append(message[len(CompileLog._PREFIX):].rsplit(" in ", 1)[0])
+
+        self._logger = logging.getLogger("jax._src.dispatch")
+        self._handler = _Handler(level=logging.DEBUG)
+        self._old_level = self._logger.level
+        self._logger.addHandler(self._handler)
+        self._logger.setLevel(logging.DEBUG)
+        self._context = jax.log_compiles()
+        self._context.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._context.__exit__(*exc)
+        self._logger.removeHandler(self._handler)
+        self._logger.setLevel(self._old_level)
+
+    def count(self, fragment: str = "") -> int:
+        return sum(fragment in name for name in self.names)

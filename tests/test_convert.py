@@ -15,7 +15,8 @@ from safetensors.torch import load_file, save_file
 
 from imvar_jax.cli import main
 from imvar_jax.convert import checkpoint
-from imvar_jax.convert.checkpoint import iter_torch_components, load_converted, resolve_source
+from imvar_jax.convert.checkpoint import iter_torch_components, load_converted
+from imvar_jax.hub import resolve_source
 from imvar_jax.convert.common import ConversionError
 from tiny_checkpoint import build_torch_pipeline, save_pipeline
 

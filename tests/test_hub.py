@@ -28,7 +28,8 @@ from jax.experimental.compilation_cache import compilation_cache
 
 import imvar_jax.hub as hub
 from imvar_jax import ConversionError, ImageVariationPipeline
-from imvar_jax.convert.checkpoint import is_converted, read_format, resolve_source
+from imvar_jax.convert.checkpoint import is_converted, read_format
+from imvar_jax.hub import resolve_source
 from helpers import save_torch
 from tiny_checkpoint import build_torch_pipeline, save_pipeline
 

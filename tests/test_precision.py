@@ -15,7 +15,7 @@ from imvar_jax.parallel import replicated_devices
 from imvar_jax.precision import default_dtype, resolve_dtypes
 from imvar_jax.preprocessing import prepare_inputs
 from imvar_jax.sampling import Models, SampleOptions, sample
-from imvar_jax.tiny import tiny_pipeline
+from imvar_jax import ImageVariationPipeline
 
 STEPS = 8
 
@@ -32,7 +32,7 @@ def _pixel_values(pipe) -> np.ndarray:
 
 
 def _generate(devices=None, **pipeline_kwargs) -> np.ndarray:
-    pipe, params = tiny_pipeline(safety_checker=False, **pipeline_kwargs)
+    pipe, params = ImageVariationPipeline.from_pretrained("tiny", safety_checker=False, **pipeline_kwargs)
     return pipe.generate(_pictures(), params, seed=0, num_images_per_prompt=2, num_inference_steps=STEPS,
                          guidance_scale=3.0, devices=devices).images
 
@@ -45,15 +45,17 @@ def psnr(images: np.ndarray, reference: np.ndarray) -> float:
 def test_default_dtype_per_backend():
     assert default_dtype("cpu") == "float32"
     assert default_dtype("gpu") == default_dtype("tpu") == "bfloat16"
-    assert resolve_dtypes(None, None) == (np.dtype(np.float32), np.dtype(np.float32))  # the tests run on CPU
-    main, vae = resolve_dtypes("bfloat16", "float32")
+    assert resolve_dtypes(None, None, "cpu") == (np.dtype(np.float32), np.dtype(np.float32))
+    # Chosen for the target devices, not the host: a CPU host preparing work for a TPU gets bfloat16.
+    assert resolve_dtypes(None, None, "tpu") == (np.dtype(jnp.bfloat16), np.dtype(jnp.bfloat16))
+    main, vae = resolve_dtypes("bfloat16", "float32", "cpu")
     assert (main.name, vae.name) == ("bfloat16", "float32")
-    assert resolve_dtypes(jnp.float16)[1] == np.dtype(np.float16)  # the VAE follows dtype unless told
+    assert resolve_dtypes(jnp.float16, None, "gpu")[1] == np.dtype(np.float16)  # the VAE follows dtype unless told
 
 
 def test_half_precision_loop_state_stays_float32():
     """In bfloat16 every floating value the denoising loop carries (latents, PNDM's history) is float32."""
-    pipe, params = tiny_pipeline(dtype="bfloat16", safety_checker=False)
+    pipe, params = ImageVariationPipeline.from_pretrained("tiny", dtype="bfloat16", safety_checker=False)
     assert {x.dtype for x in jax.tree.leaves(params)} == {jnp.dtype(jnp.bfloat16)}
     opts = SampleOptions(num_images_per_prompt=1, latent_size=(8, 8), do_cfg=True, latents_given=False,
                          with_callback=False, scheduler=pipe.scheduler)
@@ -74,8 +76,8 @@ def test_half_precision_loop_state_stays_float32():
 
 
 def test_float32_vae_decodes_exactly_as_the_float32_model():
-    full, full_params = tiny_pipeline(dtype="float32")
-    mixed, mixed_params = tiny_pipeline(dtype="bfloat16", vae_dtype="float32")
+    full, full_params = ImageVariationPipeline.from_pretrained("tiny", dtype="float32")
+    mixed, mixed_params = ImageVariationPipeline.from_pretrained("tiny", dtype="bfloat16", vae_dtype="float32")
     assert mixed.unet.dtype == jnp.bfloat16 and mixed.vae.dtype == jnp.float32
     assert {x.dtype for x in jax.tree.leaves(mixed_params["vae"])} == {jnp.dtype(jnp.float32)}
     assert {x.dtype for x in jax.tree.leaves(mixed_params["unet"])} == {jnp.dtype(jnp.bfloat16)}
@@ -133,7 +135,7 @@ def test_loading_onto_devices_keeps_one_copy_each(monkeypatch):
     one_copy = sum(x.nbytes for x in jax.tree.leaves(params)) // len(devices)
     assert added == {device: one_copy for device in devices}, f"{added} for one copy of {one_copy} bytes"
 
-    plain_pipe, plain = tiny_pipeline(safety_checker=False)
+    plain_pipe, plain = ImageVariationPipeline.from_pretrained("tiny", safety_checker=False)
     want = plain_pipe.generate(_pictures(), plain, seed=0, num_images_per_prompt=2, num_inference_steps=2,
                                devices=devices).images
 
@@ -146,7 +148,7 @@ def test_loading_onto_devices_keeps_one_copy_each(monkeypatch):
 
 
 def test_one_device_generate_uses_the_params_where_they_are(monkeypatch):
-    pipe, params = tiny_pipeline(safety_checker=False)
+    pipe, params = ImageVariationPipeline.from_pretrained("tiny", safety_checker=False)
     device = jax.local_devices()[0]
     reference = pipe(_pixel_values(pipe), params, 0, num_inference_steps=2, num_images_per_prompt=2).images
 
@@ -162,4 +164,4 @@ def test_one_device_generate_uses_the_params_where_they_are(monkeypatch):
 @pytest.mark.parametrize("name", ["dtype", "vae_dtype"])
 def test_unsupported_dtypes_are_named(name):
     with pytest.raises(ValueError, match=f"^{name}: unsupported 'float64'"):
-        tiny_pipeline(**{name: "float64"})
+        ImageVariationPipeline.from_pretrained("tiny", **{name: "float64"})

@@ -2,20 +2,27 @@
 
 from __future__ import annotations
 
-import time
+import re
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 from imvar_jax import ImageVariationPipeline, convert_checkpoint
+from helpers import CompileLog
 from imvar_jax.parallel import replicate, shard
+from imvar_jax.sampling import Models, SampleOptions, sample
 from tiny_checkpoint import build_torch_pipeline, save_pipeline
 
 STEPS = 4
 HEIGHT, WIDTH = 16, 24  # non-square; the tiny VAE downsamples by 2
 K = 2  # variations per input
+# Max abs pixel error against diffusers, about 4x what was measured (jax 0.10.2, torch 2.13, CPU):
+# PNDM/LMS at most 4.8e-6 (odd size 2.2e-6, with the safety checker 3.4e-6); DDIM 5.0e-5, since
+# its x0 estimate divides by sqrt(alpha_bar) and guidance multiplies the UNet's rounding.
+PIXEL_TOLERANCE = {"pndm": 2e-5, "lms": 2e-5, "ddim": 2e-4}
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +85,7 @@ def test_matches_diffusers(torch_pipe, folder, scheduler, guidance):
     assert out.images.shape == (2 * K, HEIGHT, WIDTH, 3) and out.images.dtype == np.float32
     assert out.nsfw_content_detected is None
     err = float(np.max(np.abs(out.images - ref)))
-    assert err <= 1e-3, f"{scheduler} guidance {guidance}: max abs pixel error {err:.2e}"
+    assert err <= PIXEL_TOLERANCE[scheduler], f"{scheduler} guidance {guidance}: max abs pixel error {err:.2e}"
     assert float(np.std(ref)) > 0.01  # the comparison is between real pictures, not two constants
 
 
@@ -95,7 +102,7 @@ def test_odd_latent_size_matches_diffusers(torch_pipe, folder, monkeypatch):
     out = pipe(pixel_values, params, 0, num_inference_steps=STEPS, guidance_scale=3.0, height=18, width=22,
                latents=latents)
     assert out.images.shape == (1, 18, 22, 3)
-    assert float(np.max(np.abs(out.images - ref))) <= 1e-3
+    assert float(np.max(np.abs(out.images - ref))) <= PIXEL_TOLERANCE["pndm"]
 
 
 def _aim_safety_checker(torch_pipe, images: np.ndarray) -> int:
@@ -129,7 +136,7 @@ def test_safety_checker_matches_diffusers(torch_pipe, folder, tmp_path):
     assert ref_flags == [i == flagged for i in range(2 * K)]
     assert out.nsfw_content_detected == ref_flags
     assert not out.images[flagged].any()
-    assert float(np.max(np.abs(out.images - ref))) <= 1e-3
+    assert float(np.max(np.abs(out.images - ref))) <= PIXEL_TOLERANCE["pndm"]
     # Several pictures per device: the flag must black out the right one after sharding.
     gen = pipe.generate(pixel_values, params, seed=0, num_images_per_prompt=K, preprocessing="clip",
                         latents=latents, num_inference_steps=STEPS, guidance_scale=3.0, height=HEIGHT, width=WIDTH,
@@ -183,24 +190,31 @@ def test_compiles_once_and_not_per_step(folder):
     a, _ = _inputs(seed=4)
     b, _ = _inputs(seed=5)
     common = dict(num_inference_steps=STEPS, num_images_per_prompt=K, height=HEIGHT, width=WIDTH)
-    pipe(a, params, 0, guidance_scale=3.0, **common)
-    pipe(b, params, 1, guidance_scale=7.5, **common)
-    programs = list(pipe._jitted.values())
-    assert len(programs) == 1 and programs[0]._cache_size() == 1
+    with CompileLog() as first:
+        pipe(a, params, 0, guidance_scale=3.0, **common)
+    assert first.names, "the compile log saw no compile: the counting itself is broken"
+    # Other inputs, seed and guidance scale are traced values: the second call compiles nothing.
+    with CompileLog() as second:
+        pipe(b, params, 1, guidance_scale=7.5, eta=0.5, **common)
+    assert second.names == []
 
-    def compile_seconds(steps: int) -> float:
-        # A distinct step count is a distinct program: the time is a real compile, never a cache hit.
+    # The loop is one XLA while over the scheduler's real timesteps, not unrolled: the compiled
+    # program for 10 and for 50 steps is the same size, with one loop of each length.
+    models = Models(pipe.unet, pipe.vae, pipe.image_encoder)
+    opts = SampleOptions(num_images_per_prompt=K, latent_size=(HEIGHT // 2, WIDTH // 2), do_cfg=True,
+                         latents_given=False, with_callback=False, scheduler=pipe.scheduler)
+    keys = jax.random.split(jax.random.key(0), 2 * K)
+    program = jax.jit(lambda p, x, k, state: sample(models, opts, p, x, k, None, jnp.float32(3.0), jnp.float32(0.0),
+                                                    state, jnp.int32(1), jnp.int32(1)))
+    texts = {}
+    for steps in (10, 50):
         state = pipe.scheduler.set_timesteps(steps, (2 * K, HEIGHT // 2, WIDTH // 2, 4))
-        program = pipe._program(next(iter(pipe._jitted))[0], devices=None)
-        keys = jax.random.split(jax.random.key(0), 2 * K)
-        args = (params, a, keys, None, np.float32(3.0), np.float32(0.0), state, np.int32(1), np.int32(1))
-        start = time.perf_counter()
-        program.lower(*args).compile()
-        return time.perf_counter() - start
-
-    t10 = min(compile_seconds(10), compile_seconds(11))
-    t50 = min(compile_seconds(50), compile_seconds(51))
-    assert t50 <= 1.3 * t10, f"compile took {t10:.2f} s for 10 steps and {t50:.2f} s for 50"
+        text = program.lower(params, a, keys, state).compile().as_text()
+        trips = re.findall(r'known_trip_count":\{"n":"(\d+)"', text)
+        assert trips.count(str(len(state.timesteps))) == 1, (steps, trips)
+        texts[steps] = text
+    assert texts[10].count(" convolution(") == texts[50].count(" convolution(") > 0
+    assert abs(len(texts[10]) - len(texts[50])) < 100
 
 
 def test_pmap_call_with_replicated_params(folder):

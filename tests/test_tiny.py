@@ -17,7 +17,7 @@ from PIL import Image
 
 from imvar_jax import ImageVariationPipeline
 from imvar_jax.schedulers import DDIMScheduler, PNDMScheduler
-from imvar_jax.tiny import tiny_configs, tiny_params, tiny_pipeline
+from imvar_jax.tiny import tiny_configs, tiny_params
 
 
 def params_digest(params) -> str:
@@ -69,7 +69,7 @@ def test_from_pretrained_tiny_honours_the_options():
     pipe, params = ImageVariationPipeline.from_pretrained("tiny")
     assert isinstance(pipe.scheduler, PNDMScheduler) and pipe.dtype == jnp.float32
     assert pipe.safety_checker is not None and "safety_checker" in params
-    _, built = tiny_pipeline()
+    _, built = ImageVariationPipeline.from_pretrained("tiny")
     _assert_trees_equal(params, built)
 
     pipe, params = ImageVariationPipeline.from_pretrained("tiny", scheduler="ddim", dtype=jnp.bfloat16,
@@ -85,17 +85,17 @@ def test_from_pretrained_tiny_honours_the_options():
     with pytest.raises(ValueError, match="scheduler"):
         ImageVariationPipeline.from_pretrained("tiny", scheduler="euler")
     with pytest.raises(ValueError, match="^dtype: unsupported 'float64'"):
-        tiny_pipeline(dtype="float64")
+        ImageVariationPipeline.from_pretrained("tiny", dtype="float64")
     with pytest.raises(ValueError, match="^vae_dtype: unsupported 'int8'"):
         ImageVariationPipeline.from_pretrained("tiny", vae_dtype="int8")
     with pytest.raises(ValueError, match="^attention: unknown 'flash'"):
         ImageVariationPipeline.from_pretrained("tiny", attention="flash")
-    with pytest.raises(ValueError, match="^attention: 'cudnn' needs an NVIDIA GPU but JAX's backend is 'cpu'"):
+    with pytest.raises(ValueError, match="^attention: 'cudnn' needs an NVIDIA GPU but the devices are 'cpu'"):
         ImageVariationPipeline.from_pretrained("tiny", attention="cudnn")
 
 
 def test_generate_gives_the_same_pictures_twice():
-    pipe, params = tiny_pipeline()
+    pipe, params = ImageVariationPipeline.from_pretrained("tiny")
     rng = np.random.default_rng(0)
     pictures = [Image.fromarray(rng.integers(0, 256, (40, 24, 3), dtype=np.uint8)),
                 Image.fromarray(rng.integers(0, 256, (20, 30, 3), dtype=np.uint8))]

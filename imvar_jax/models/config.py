@@ -9,6 +9,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, Mapping, TypeVar
 
+from imvar_jax.errors import ConfigError  # noqa: F401  (re-exported: models and converters raise it from here)
+
+
+
 C = TypeVar("C")
 
 KeyKind = Literal["read", "pinned", "ignored"]
@@ -19,8 +23,6 @@ _short.maxstring = _short.maxother = 60
 _repr = _short.repr
 
 
-class ConfigError(ValueError):
-    """A config key or value this implementation does not support, named by key."""
 
 
 @dataclass(frozen=True)

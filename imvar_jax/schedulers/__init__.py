@@ -30,6 +30,14 @@ SCHEDULERS: dict[str, type[Scheduler]] = {
 }
 
 
+# The checkpoint's own scheduler (lambdalabs/sd-image-variations-diffusers' scheduler_config.json),
+# for folders that lack one and for the built-in tiny model.
+SD_V1_SCHEDULER_CONFIG: dict[str, Any] = {
+    "_class_name": "PNDMScheduler", "beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear",
+    "num_train_timesteps": 1000, "skip_prk_steps": True, "steps_offset": 1, "set_alpha_to_one": False,
+}
+
+
 def make_scheduler(name: str, raw_config: Mapping[str, Any]) -> Scheduler:
     """The scheduler ``name`` configured from ``raw_config`` (any diffusers scheduler's config dict,
     read with the defaults of the class being built, as diffusers' ``from_config`` does)."""
@@ -39,6 +47,6 @@ def make_scheduler(name: str, raw_config: Mapping[str, Any]) -> Scheduler:
 
 
 __all__ = [
-    "SCHEDULERS", "DDIMScheduler", "DDIMState", "LMSDiscreteScheduler", "LMSState", "PNDMScheduler", "PNDMState",
+    "SCHEDULERS", "SD_V1_SCHEDULER_CONFIG", "DDIMScheduler", "DDIMState", "LMSDiscreteScheduler", "LMSState", "PNDMScheduler", "PNDMState",
     "Scheduler", "SchedulerConfig", "make_scheduler",
 ]

@@ -13,7 +13,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from imvar_jax.models.config import ConfigError
+from imvar_jax.errors import ConfigError
 
 KINDS = ("pndm", "ddim", "lms")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")

@@ -1,0 +1,73 @@
+"""Model names to component configs and params: converted folders, diffusers folders, hub ids, ``"tiny"``.
+
+Every source is read as a stream of ``(name, config, params)`` per component (``load_converted``,
+``iter_torch_components``, ``tiny.iter_tiny_components``), each component put on its devices
+before the next is read, so loading never holds the whole model twice.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from .convert.checkpoint import is_converted, iter_torch_components, load_converted
+from .hub import TINY_MODEL, resolve_model
+from .schedulers import SD_V1_SCHEDULER_CONFIG
+from .tiny import iter_tiny_components, tiny_configs, tiny_feature_extractor_config
+
+
+@dataclass
+class LoadedModel:
+    """What a pipeline is built from: per-component configs and params, plus the two side configs."""
+
+    configs: dict[str, Any]
+    params: dict[str, Any]
+    scheduler_config: dict[str, Any] | None
+    feature_extractor_config: dict[str, Any] | None
+
+
+def _read_optional_json(path: Path) -> dict[str, Any] | None:
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def move_to_devices(tree: dict[str, Any], put: Callable[[Any], jax.Array]) -> dict[str, Any]:
+    """Put a nested dict of host arrays on devices leaf by leaf, emptying ``tree`` as it goes.
+
+    Each host array is dropped as soon as its device copy exists, so loading never holds a
+    whole second copy of a component (on a CPU backend the "device" copy is host memory too).
+    """
+    out = {}
+    for key in list(tree):
+        value = tree.pop(key)
+        out[key] = move_to_devices(value, put) if isinstance(value, dict) else jax.block_until_ready(put(value))
+        del value
+    return out
+
+
+def load_model(path: str | os.PathLike, *, revision: str | None, dtype: np.dtype, vae_dtype: np.dtype,
+               safety_checker: bool, put: Callable[[Any], jax.Array]) -> LoadedModel:
+    """Read ``path`` (see ``ImageVariationPipeline.from_pretrained``) with params placed by ``put``."""
+    if str(path) == TINY_MODEL:
+        if revision is not None:
+            raise ValueError(f"revision: the built-in {TINY_MODEL!r} model has no revisions, got {revision!r}")
+        components = iter_tiny_components(dtype, vae_dtype, include_safety_checker=safety_checker)
+        scheduler_config = dict(SD_V1_SCHEDULER_CONFIG)
+        feature_extractor_config = tiny_feature_extractor_config(tiny_configs()["image_encoder"].image_size)
+    else:
+        root = resolve_model(path, revision, dtype)
+        loader = load_converted if is_converted(root) else iter_torch_components
+        components = loader(root, dtype, include_safety_checker=safety_checker, component_dtypes={"vae": vae_dtype})
+        scheduler_config = _read_optional_json(root / "scheduler" / "scheduler_config.json")
+        feature_extractor_config = _read_optional_json(root / "feature_extractor" / "preprocessor_config.json")
+    configs: dict[str, Any] = {}
+    params: dict[str, Any] = {}
+    for name, config, p in components:
+        configs[name] = config
+        params[name] = move_to_devices(p, put)
+    return LoadedModel(configs, params, scheduler_config, feature_extractor_config)
