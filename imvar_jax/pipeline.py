@@ -367,6 +367,15 @@ class ImageVariationPipeline:
             images[flags] = 0.0
         return images, flags
 
+    def _check_call(self, k: Any, steps: Any, guidance: Any, eta: Any, callback_steps: Any, output_type: Any,
+                    height: Any, width: Any) -> tuple[int, int, float, float, int, tuple[int, int]]:
+        """The call arguments through the settings' own checks, errors named as the arguments are."""
+        if output_type not in ("np", "pil"):
+            raise ValueError(f"output_type: expected 'np' or 'pil', got {output_type!r}")
+        return (check_value("num_images_per_prompt", k), check_value("steps", steps, "num_inference_steps"),
+                check_value("guidance", guidance, "guidance_scale"), check_value("eta", eta),
+                positive_int("callback_steps", callback_steps), self.size(height, width))
+
     def __call__(self, pixel_values: Any, params: dict[str, Any], prng_seed: int | jax.Array,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, num_images_per_prompt: int = 1,
                  height: int | None = None, width: int | None = None, latents: Any = None, eta: float = 0.0,
@@ -389,14 +398,8 @@ class ImageVariationPipeline:
         ``generate`` is the simpler door: it prepares pictures, spreads the N*k pictures (not the
         N inputs) over the devices and pads them itself.
         """
-        k = check_value("num_images_per_prompt", num_images_per_prompt)
-        steps = check_value("steps", num_inference_steps, "num_inference_steps")
-        guidance = check_value("guidance", guidance_scale, "guidance_scale")
-        eta = check_value("eta", eta)
-        callback_steps = positive_int("callback_steps", callback_steps)
-        if output_type not in ("np", "pil"):
-            raise ValueError(f"output_type: expected 'np' or 'pil', got {output_type!r}")
-        size = self.size(height, width)
+        k, steps, guidance, eta, callback_steps, size = self._check_call(
+            num_images_per_prompt, num_inference_steps, guidance_scale, eta, callback_steps, output_type, height, width)
         f = self.vae_scale_factor
         lead = 2 if jit else 1
         s = self.image_encoder.config.image_size
@@ -461,14 +464,8 @@ class ImageVariationPipeline:
         instead of padding every device to 8 pictures. ``slots`` pads every call to that many
         pictures (a multiple of the device count), so calls with fewer inputs reuse one program.
         """
-        k = check_value("num_images_per_prompt", num_images_per_prompt)
-        steps = check_value("steps", num_inference_steps, "num_inference_steps")
-        guidance = check_value("guidance", guidance_scale, "guidance_scale")
-        eta = check_value("eta", eta)
-        callback_steps = positive_int("callback_steps", callback_steps)
-        if output_type not in ("np", "pil"):
-            raise ValueError(f"output_type: expected 'np' or 'pil', got {output_type!r}")
-        size = self.size(height, width)
+        k, steps, guidance, eta, callback_steps, size = self._check_call(
+            num_images_per_prompt, num_inference_steps, guidance_scale, eta, callback_steps, output_type, height, width)
         placement, params, stacked = self._placed(params, devices)
         pixel_values = self.prepare_inputs(images, preprocessing)
         n = pixel_values.shape[0]

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import builtins
 import contextlib
 import hashlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import jax
@@ -16,9 +19,11 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from imvar_jax import batch, cli, hub, tiny
-from imvar_jax.batch import GenerateOptions, collect_inputs, run_generate
-from imvar_jax.pipeline import ImageVariationPipeline
+from imvar_jax import cli, hub, tiny
+from imvar_jax.batch import collect_inputs, contact_sheet, outputs, run_generate, runner
+from imvar_jax.pipeline import ImageVariationOutput, ImageVariationPipeline
+from imvar_jax.preprocessing import to_rgb
+from imvar_jax.settings import FIELDS, GenerationSettings
 
 K = 2
 STEPS = 2
@@ -196,7 +201,7 @@ def test_rerun_writes_nothing_and_exits_the_same(first_run, inputs):
 def test_interrupted_run_resumes_to_the_same_bytes(first_run, inputs, tmp_path, monkeypatch):
     out1, *_ = first_run
     out2 = tmp_path / "out"
-    real_write = batch._write_png
+    real_write = outputs.write_png
     calls = []
 
     def write_then_stop(path, image, text):
@@ -205,13 +210,13 @@ def test_interrupted_run_resumes_to_the_same_bytes(first_run, inputs, tmp_path, 
             raise KeyboardInterrupt
         real_write(path, image, text)
 
-    monkeypatch.setattr(batch, "_write_png", write_then_stop)
+    monkeypatch.setattr(outputs, "write_png", write_then_stop)
     code, _, stderr = _main("generate", inputs, "--out", out2, "--grid", *COMMON)
     assert code == 130 and "interrupted" in stderr
     written = [p for p in out2.rglob("*.png")]
     assert len(written) == 4
     assert not [p for p in out2.rglob("*") if p.name.startswith(".imvar-tmp-")]
-    monkeypatch.setattr(batch, "_write_png", real_write)
+    monkeypatch.setattr(outputs, "write_png", real_write)
 
     code, stdout, _ = _main("generate", inputs, "--out", out2, "--grid", *COMMON)
     assert code == 1
@@ -222,24 +227,188 @@ def test_interrupted_run_resumes_to_the_same_bytes(first_run, inputs, tmp_path, 
 
 def test_batches_keep_one_shape_and_pictures_ignore_device_count(first_run, inputs, tmp_path, monkeypatch):
     out1, *_ = first_run
-    shapes = []
-    real_call = ImageVariationPipeline.__call__
+    shapes, calls = [], []
+    real_run, real_generate = ImageVariationPipeline._run, ImageVariationPipeline.generate
 
-    def spy(self, pixel_values, *args, **kwargs):
-        shapes.append(tuple(pixel_values.shape))
-        return real_call(self, pixel_values, *args, **kwargs)
+    def spy_run(self, placement, params, stacked, k, pixel_values, *args, **kwargs):
+        shapes.append((len(placement), k, tuple(pixel_values.shape)))
+        return real_run(self, placement, params, stacked, k, pixel_values, *args, **kwargs)
 
-    monkeypatch.setattr(ImageVariationPipeline, "__call__", spy)
-    options = GenerateOptions(model="tiny", steps=STEPS, num_per_image=K)
+    def spy_generate(self, images, *args, **kwargs):
+        calls.append((len(images), kwargs["slots"], list(kwargs["first_index"]), len(kwargs["devices"])))
+        prepared_at_call.append(len(converted))
+        return real_generate(self, images, *args, **kwargs)
+
+    converted, prepared_at_call, threads = [], [], set()
+    real_to_rgb = runner.to_rgb
+
+    def spy_to_rgb(image, **kwargs):
+        threads.add(threading.current_thread().name)
+        converted.append(kwargs["name"])
+        return real_to_rgb(image, **kwargs)
+
+    monkeypatch.setattr(ImageVariationPipeline, "_run", spy_run)
+    monkeypatch.setattr(ImageVariationPipeline, "generate", spy_generate)
+    monkeypatch.setattr(runner, "to_rgb", spy_to_rgb)
+    settings = GenerationSettings(model="tiny", steps=STEPS, num_images_per_prompt=K, grid=True)
     lines = []
-    summary = run_generate([inputs], tmp_path / "out", options, report=lines.append, progress=False,
+    summary = run_generate([inputs], tmp_path / "out", settings, report=lines.append, progress=False,
                            devices=jax.local_devices()[:3])
-    # 8 good inputs over 3 devices: two full calls, then 2 inputs padded to 3.
-    assert shapes == [(3, 1, 3, 32, 32)] * 3
+    # 8 good inputs over 3 devices: two full calls, then 2 inputs; every call pads to 3 * K pictures.
+    assert shapes == [(3, 1, (3 * K, 3, 32, 32))] * 3
+    assert [(n, slots, devices) for n, slots, _, devices in calls] == [(3, 3 * K, 3)] * 2 + [(2, 3 * K, 3)]
+    starts = [s for _, _, first, _ in calls for s in first]
+    assert starts == sorted(starts) and len(starts) == len(GOOD) and all(s % K == 0 for s in starts)
     assert summary.done == len(GOOD) * K and len(summary.failures) == len(BAD) == len(lines)
-    ours = {k: v for k, v in _files(tmp_path / "out").items() if k != "manifest.jsonl"}
-    theirs = {k: v for k, v in _files(out1).items() if k.endswith(tuple(f"/{j}.png" for j in range(K)))}
-    assert ours == theirs
+    # Inputs are prepared on the reader thread, never more than one batch ahead of the devices.
+    assert {t.rsplit("_", 1)[0] for t in threads} == {"imvar-jax-reader"}
+    assert all(min((c + 1) * 3, len(GOOD)) <= n <= (c + 2) * 3 for c, n in enumerate(prepared_at_call)), \
+        prepared_at_call
+    # Pictures and grids do not depend on the device count or the batch layout.
+    assert {k: v for k, v in _files(tmp_path / "out").items() if k != "manifest.jsonl"} == \
+        {k: v for k, v in _files(out1).items() if k != "manifest.jsonl"}
+
+
+def test_each_input_is_read_and_decoded_once(first_run, inputs, tmp_path, monkeypatch):
+    """One run reads every input file once (hashing the same bytes), decodes it once and converts it once,
+    whether it still needs sampling, only its grid, or nothing."""
+    out1, *_ = first_run
+    root = str(inputs.resolve())
+    opened: list[str] = []
+    real_open = builtins.open
+
+    def counting_open(file, *args, **kwargs):
+        if isinstance(file, (str, os.PathLike)) and os.path.realpath(file).startswith(root + os.sep):
+            opened.append(os.path.relpath(os.path.realpath(file), root))
+        return real_open(file, *args, **kwargs)
+
+    decoded, converted = [], []
+    real_decode, real_to_rgb = runner.decode_image, runner.to_rgb
+    monkeypatch.setattr(builtins, "open", counting_open)
+    monkeypatch.setattr(io, "open", counting_open)
+    monkeypatch.setattr(runner, "decode_image", lambda data: decoded.append(len(data)) or real_decode(data))
+    monkeypatch.setattr(runner, "to_rgb", lambda image, **kw: converted.append(kw["name"]) or real_to_rgb(image, **kw))
+    image_files = sorted(p.relative_to(inputs).as_posix() for p in inputs.rglob("*")
+                         if p.is_file() and p.suffix != ".txt")
+
+    # A resumed run: 0.png of every input but one is gone, and that one's grid.png.
+    out = tmp_path / "out"
+    shutil.copytree(out1, out)
+    grid_only = _folder_name(inputs, "palette.gif")
+    for rel in GOOD:
+        folder = out / _folder_name(inputs, rel)
+        (folder / ("grid.png" if folder.name == grid_only else "0.png")).unlink()
+    settings = GenerationSettings(model="tiny", steps=STEPS, num_images_per_prompt=K, grid=True)
+    summary = run_generate([inputs], out, settings, report=lambda line: None, progress=False)
+    assert (summary.done, summary.skipped) == (len(GOOD) - 1, len(GOOD) * K - len(GOOD) + 1)
+    assert sorted(opened) == image_files
+    assert len(decoded) == len(image_files)
+    assert sorted(converted) == sorted(str((inputs / rel).absolute()) for rel in GOOD)
+    assert _files(out) == _files(out1)
+
+    # A run with nothing left to write reads every input once to hash it, and decodes only the bad ones
+    # (they have no outputs, so they are tried again).
+    opened.clear(), decoded.clear(), converted.clear()
+    summary = run_generate([inputs], out, settings, report=lambda line: None, progress=False)
+    assert (summary.done, summary.skipped) == (0, len(GOOD) * K)
+    assert sorted(opened) == image_files
+    assert len(decoded) == len(BAD) and converted == []
+
+
+def test_grid_is_built_from_the_pictures_as_written(first_run, inputs):
+    """The grid built in memory equals one built from the written PNGs and the decoded input."""
+    out, *_ = first_run
+    for rel in GOOD:
+        folder = out / _folder_name(inputs, rel)
+        with Image.open(inputs / rel) as image:
+            thumbnail = to_rgb(image).resize((16, 16), Image.Resampling.BICUBIC)
+        tiles = [thumbnail] + [Image.open(folder / f"{j}.png") for j in range(K)]
+        np.testing.assert_array_equal(np.asarray(Image.open(folder / "grid.png")),
+                                      np.asarray(contact_sheet(tiles, (16, 16))), err_msg=rel)
+
+
+def _resolved(**changes) -> GenerationSettings:
+    """What the test runs record: the tiny model's float32 on CPU, 16x16 pictures, no revision."""
+    return GenerationSettings(model="tiny", steps=STEPS, num_images_per_prompt=K, dtype="float32",
+                              vae_dtype="float32", size=(16, 16), **changes)
+
+
+def test_text_chunks_and_records_are_the_settings_fields(first_run, inputs):
+    out, *_ = first_run
+    resolved = _resolved()
+    settings_keys = {f.name for f in FIELDS if f.recorded}
+    assert set(GenerationSettings().to_text()) == set(GenerationSettings().to_json()) == settings_keys
+    records = {r["path"]: r for r in map(json.loads, (out / "manifest.jsonl").read_text().splitlines())}
+    for rel in GOOD:
+        folder = out / _folder_name(inputs, rel)
+        for j in range(K):
+            with Image.open(folder / f"{j}.png") as im:
+                text = dict(im.text)
+            assert set(text) == settings_keys | set(outputs.PICTURE_KEYS)
+            assert GenerationSettings.recorded_from_text(text) == resolved.recorded()
+            assert {k: text[k] for k in settings_keys} == resolved.to_text()
+            record = records[f"{folder.name}/{j}.png"]
+            assert set(record) == settings_keys | {"path", "input", "input_sha256", "index", "input_index",
+                                                   "variation", "nsfw"}
+            assert {k: record[k] for k in settings_keys} == json.loads(json.dumps(resolved.to_json()))
+        with Image.open(folder / "grid.png") as im:
+            assert set(im.text) == settings_keys | set(outputs.PICTURE_KEYS) - {"nsfw"}
+            assert GenerationSettings.recorded_from_text(im.text) == resolved.recorded()
+
+
+def _changed(name: str, value):
+    """Another valid value of recorded setting ``name`` than ``value``."""
+    (spec,) = [f for f in FIELDS if f.name == name]
+    if spec.choices is not None:
+        return next(c for c in spec.choices if c != value)
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, float):
+        return value + 0.5
+    if isinstance(value, tuple):
+        return (value[0] * 2, value[1])
+    return f"{value or 'x'}-changed"
+
+
+@pytest.fixture
+def fake_model(monkeypatch):
+    """Any model name loads the tiny model, and sampling returns flat grey at once: runs cost no compute."""
+    real_load = ImageVariationPipeline.from_pretrained.__func__
+
+    def load(cls, path, **kwargs):
+        return real_load(cls, "tiny", **{**kwargs, "revision": None})
+
+    def fake_generate(self, images, params, seed, num_images_per_prompt=1, height=None, width=None, **kwargs):
+        n = len(images) * num_images_per_prompt
+        return ImageVariationOutput(np.full((n, height, width, 3), 0.5, np.float32), [False] * n)
+
+    monkeypatch.setattr(ImageVariationPipeline, "from_pretrained", classmethod(load))
+    monkeypatch.setattr(ImageVariationPipeline, "generate", fake_generate)
+
+
+@pytest.mark.parametrize("name", [f.name for f in FIELDS if f.recorded])
+def test_a_changed_recorded_setting_regenerates(name, fake_model, inputs, tmp_path):
+    base = GenerationSettings(model="owner/some-model", steps=STEPS, num_images_per_prompt=K, dtype="float32",
+                              vae_dtype="float32")
+    files = [inputs / "rgb.jpg", inputs / "gray.png"]
+    out = tmp_path / "out"
+    summary = run_generate(files, out, base, progress=False)
+    assert (summary.done, summary.skipped, summary.failures) == (2 * K, 0, [])
+    with Image.open(out / "gray" / "0.png") as im:
+        recorded = GenerationSettings.recorded_from_text(im.text)
+    assert recorded is not None and recorded["revision"] == "main"
+    assert run_generate(files, out, base, progress=False).skipped == 2 * K
+
+    changed = base.replace(**{name: _changed(name, recorded[name])})
+    summary = run_generate(files, out, changed, progress=False)
+    k = changed.num_images_per_prompt
+    assert (summary.done, summary.skipped) == (2 * k, 0)
+    with Image.open(out / "gray" / "0.png") as im:
+        now = GenerationSettings.recorded_from_text(im.text)
+    assert now != recorded and {n for n in now if now[n] != recorded[n]} == {name}
+    assert run_generate(files, out, changed, progress=False).skipped == 2 * k
 
 
 def test_collect_inputs(tmp_path, monkeypatch):
@@ -276,7 +445,7 @@ def test_argument_error_exit_code_and_usage(tmp_path):
                             capture_output=True, text=True, env=env, cwd=tmp_path, timeout=300)
     assert result.returncode == 2
     assert result.stderr.startswith("usage: imvar-jax generate")
-    assert "argument --steps: expected a positive integer, got '0'" in result.stderr
+    assert "argument --steps: expected a positive integer, got 0" in result.stderr
     assert not (tmp_path / "variations").exists()
 
 

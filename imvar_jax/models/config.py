@@ -11,8 +11,6 @@ from typing import Any, Literal, Mapping, TypeVar
 
 from imvar_jax.errors import ConfigError  # noqa: F401  (re-exported: models and converters raise it from here)
 
-
-
 C = TypeVar("C")
 
 KeyKind = Literal["read", "pinned", "ignored"]

@@ -1,0 +1,46 @@
+"""Batch generation: input pictures in, ``k`` variations of each out as PNG files; deterministic and resumable.
+
+What ``run_generate`` writes under ``OUT``:
+
+- ``OUT/<name>/<j>.png``: variation ``j`` of an input, where ``<name>`` is the input's file stem.
+  Inputs whose stems collide (compared case-insensitively, so case-insensitive file systems are
+  safe too) are named ``<stem>-<8 hex digits>``, the digits starting the sha256 of the input's
+  absolute path. Each PNG carries text chunks with the settings, its picture index and the
+  input's sha256 (and nothing time-dependent: the same command gives the same bytes).
+- ``OUT/<name>/grid.png`` with ``grid=True``: the input squashed to the output size, then its
+  variations, in one row (a near-square grid beyond 8 tiles).
+- ``OUT/manifest.jsonl``: one JSON object per variation (``path`` relative to OUT, ``input``
+  relative to the working directory when inside it, ``input_sha256``, ``index``, ``input_index``,
+  ``variation``, the settings, ``nsfw``), appended as each PNG lands; at the end of a run it is
+  rewritten sorted, one line per existing file (the newest line for each).
+
+Picture numbering: inputs are sorted by absolute path; input ``i`` owns pictures ``i*k .. i*k+k-1``
+and picture ``n`` draws its noise from ``fold_in(key(seed), n)``. Inputs that fail keep their
+number, so a bad file never changes anyone else's pictures. Every file is written to a temporary
+name in its folder and renamed into place; a re-run skips outputs whose text chunks match the
+current settings and input, and regenerates exactly the rest.
+
+The settings in the text chunks and manifest records are those of ``GenerationSettings``
+(``imvar_jax.settings``), written and read back there. Modules: ``inputs`` (discovery, naming,
+reading and decoding), ``outputs`` (atomic writes, PNG text, manifest, contact sheets) and
+``runner`` (the run).
+"""
+
+from ..settings import SettingsError
+from .inputs import GRID, IMAGE_EXTENSIONS, MANIFEST, InputError, InputFile, collect_inputs, decode_image
+from .outputs import contact_sheet
+from .runner import RunSummary, run_generate
+
+__all__ = [
+    "GRID",
+    "IMAGE_EXTENSIONS",
+    "MANIFEST",
+    "InputError",
+    "InputFile",
+    "RunSummary",
+    "SettingsError",
+    "collect_inputs",
+    "contact_sheet",
+    "decode_image",
+    "run_generate",
+]
