@@ -70,6 +70,7 @@ class Placement:
                 params = jax.tree.map(lambda a: a[0], params)  # [1, ...] -> this device's copy
             return body(params, *args)
 
+        per_device.__name__ = body.__name__  # compile logs and profiles name the program by its body
         specs = (PartitionSpec(AXIS) if params_stacked else PartitionSpec(),
                  *(PartitionSpec(AXIS) if b else PartitionSpec() for b in batch_args))
         return jax.jit(jax.shard_map(per_device, mesh=self.mesh, in_specs=specs, out_specs=PartitionSpec(AXIS),

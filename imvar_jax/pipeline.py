@@ -293,13 +293,13 @@ class ImageVariationPipeline:
 
     def _check_safety(self, placement: Placement, params: dict[str, Any], stacked: bool,
                       pixel_values: np.ndarray) -> np.ndarray:
-        def run(p, x):
+        def check_safety(p, x):
             _, flags = self.safety_checker.apply({"params": p["safety_checker"]}, _nchw_to_nhwc(x.astype(self.dtype)))
             return flags
 
         plan = picture_plan(pixel_values.shape[0], 1, multiple=len(placement))
         program = self._compiled(("check_safety", placement, stacked),
-                                 lambda: placement.program(run, stacked, (True,)))
+                                 lambda: placement.program(check_safety, stacked, (True,)))
         flags = program({"safety_checker": params["safety_checker"]}, placement.split(pixel_values[plan.source]))
         return np.asarray(flags)[:plan.count]
 
@@ -307,13 +307,14 @@ class ImageVariationPipeline:
         """One compiled program per static option set and placement; each keeps its own shape cache."""
         models = Models(self.unet, self.vae, self.image_encoder)
 
-        def run(params, pixel_values, key_data, latents, guidance_scale, eta, sched_state, every, warmup, call_id):
+        def generate(params, pixel_values, key_data, latents, guidance_scale, eta, sched_state, every, warmup,
+                     call_id):
             return sample(models, opts, params, pixel_values, jax.random.wrap_key_data(key_data), latents,
                           guidance_scale, eta, sched_state, every, warmup, _CALLBACKS.dispatch, call_id)
 
         batch_args = (True, True, opts.latents_given, False, False, False, False, False, False)
         return self._compiled(("sample", opts, placement, stacked),
-                              lambda: placement.program(run, stacked, batch_args))
+                              lambda: placement.program(generate, stacked, batch_args))
 
     def size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         """``(height, width)`` of the output pictures: the model's default where None; checked against the VAE."""

@@ -17,10 +17,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import ExifTags, Image, ImageOps
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -29,6 +27,7 @@ PREPROCESSINGS = ("clip", "v2")
 _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _PIL_RESAMPLES = range(6)  # NEAREST, LANCZOS, BILINEAR, BICUBIC, BOX, HAMMING
+_TURNING_ORIENTATIONS = range(2, 9)  # the EXIF orientations ImageOps.exif_transpose acts on
 
 
 @dataclass(frozen=True)
@@ -169,11 +168,15 @@ def to_rgb(image: Image.Image, *, name: str = "image") -> Image.Image:
     1/257 instead of clipped at 255; an RGBA palette counts as transparency, ``LAB`` does not.
     ``F`` is read on Pillow's 0..255 scale. ``name`` is how errors refer to the picture.
     """
-    image = ImageOps.exif_transpose(image)
+    image = _upright(image)
     if image.mode in _SIXTEEN_BIT_MODES:
         image = _sixteen_to_eight_bit(image, name)
     has_alpha = (image.mode in _ALPHA_MODES or image.info.get("transparency") is not None
                  or (image.mode == "P" and image.palette is not None and image.palette.mode.endswith("A")))
+    if image.mode == "RGB" and not has_alpha:
+        # convert("RGB") would only copy it; returning it as it is lets a caller convert once and
+        # pass the result on (prepare_inputs runs to_rgb again) without decoding or copying twice.
+        return image
     try:
         if has_alpha:
             white = Image.new("RGBA", image.size, (255, 255, 255, 255))
@@ -181,6 +184,14 @@ def to_rgb(image: Image.Image, *, name: str = "image") -> Image.Image:
         return image.convert("RGB")
     except ValueError as err:
         raise ValueError(f"{name}: cannot convert a picture of mode {image.mode} to RGB ({err})") from None
+
+
+def _upright(image: Image.Image) -> Image.Image:
+    """``ImageOps.exif_transpose``, except that a picture needing no turn is returned as it is, not copied."""
+    image.load()  # as exif_transpose does first: some formats (PNG's eXIf chunk) only read EXIF on load
+    if image.getexif().get(ExifTags.Base.Orientation, 1) in _TURNING_ORIENTATIONS:
+        return ImageOps.exif_transpose(image)
+    return image
 
 
 def _sixteen_to_eight_bit(image: Image.Image, name: str) -> Image.Image:
@@ -299,7 +310,7 @@ def _clip_one(picture: Image.Image | np.ndarray, s: ClipSettings, where: str) ->
     if s.do_convert_rgb:
         picture = to_rgb(picture, name=where)
     else:
-        picture = ImageOps.exif_transpose(picture)
+        picture = _upright(picture)
         if picture.mode != "RGB":
             raise ValueError(f"{where}: mode {picture.mode} picture, but feature_extractor_config has "
                              "do_convert_rgb false; pass RGB pictures")
@@ -327,6 +338,10 @@ def _clip_one(picture: Image.Image | np.ndarray, s: ClipSettings, where: str) ->
 def _float_rgb(picture: Image.Image | np.ndarray, where: str) -> np.ndarray:
     """float32 ``[H, W, 3]`` in [0, 1], as torchvision's ``ToTensor`` sees the picture."""
     if isinstance(picture, np.ndarray) and picture.dtype == np.uint8:
+        if picture.shape[-1] in (1, 3):
+            # The values PIL's L/RGB -> RGB conversion would give, without building a PIL picture. RGBA
+            # goes through PIL: its white compositing rounds to 8 bits, as for an RGBA PIL picture.
+            return np.broadcast_to(picture, picture.shape[:2] + (3,)).astype(np.float32) / 255
         picture = _array_to_pil(picture)
     if isinstance(picture, Image.Image):
         if picture.width == 0 or picture.height == 0:
@@ -341,17 +356,49 @@ def _float_rgb(picture: Image.Image | np.ndarray, where: str) -> np.ndarray:
     return x
 
 
-def resize_bicubic_torch(x: np.ndarray, height: int, width: int) -> np.ndarray:
-    """``[C, H, W]`` float32 -> ``[C, height, width]``, equal to PyTorch's
-    ``interpolate(mode="bicubic", align_corners=False, antialias=False)``.
+def _bicubic_matrix(size_in: int, size_out: int) -> np.ndarray:
+    """float64 ``[size_out, size_in]``: row ``i`` holds the weight output pixel ``i`` gives each input pixel,
+    along one axis, by the conventions of ATen's ``upsample_bicubic2d`` (align_corners=False, no scale)."""
+    # ATen computes the source coordinate in the tensor's opmath type, float32 for float32 pictures:
+    # scale = float(in) / out, real = scale * (dst + 0.5) - 0.5, which its CPU (AVX2/AVX-512) and CUDA
+    # builds contract into one fused multiply-add. Far from the origin float32 moves the coordinate by
+    # up to ~2e-4 pixel (4000-pixel sides), so an exact float64 coordinate would be off PyTorch by
+    # ~3e-4; and rounding the product before subtracting 0.5 is off by ~1e-5 on some sizes. The float64
+    # product of two float32 values is exact, so rounding ``product - 0.5`` once to float32 is the FMA.
+    scale = np.float64(np.float32(size_in) / np.float32(size_out))
+    real = (scale * (np.arange(size_out, dtype=np.float64) + 0.5) - 0.5).astype(np.float32).astype(np.float64)
+    # Not clamped at 0 as the linear modes are (area_pixel_compute_source_index(..., cubic=true)): the
+    # first pixels of an upscale sit at a negative coordinate, taps reaching down to -2.
+    base = np.floor(real)
+    t = real - base  # exact: the fraction of a float32
+    # Keys' cubic convolution with A = -0.75 (get_cubic_upsample_coefficients), at distances 1 + t, t,
+    # 1 - t and 2 - t from the taps floor(real) - 1 .. floor(real) + 2.
+    a = -0.75
+    near = lambda x: ((a + 2) * x - (a + 3)) * x * x + 1  # noqa: E731  (|x| <= 1)
+    far = lambda x: ((a * x - 5 * a) * x + 8 * a) * x - 4 * a  # noqa: E731  (1 < |x| < 2)
+    weights = np.stack([far(1 + t), near(t), near(1 - t), far(2 - t)], axis=1)  # [out, 4]
+    # Taps outside the picture read its edge pixel (upsample_get_value_bounded), so their weights add up there.
+    taps = np.clip(base.astype(np.int64)[:, None] + np.arange(-1, 3), 0, size_in - 1)  # [out, 4]
+    matrix = np.zeros((size_out, size_in))
+    np.add.at(matrix, (np.repeat(np.arange(size_out), 4), taps.reshape(-1)), weights.reshape(-1))
+    return matrix
 
-    JAX's ``CUBIC_PYTORCH`` without antialiasing is that kernel (a = -0.75, border pixels repeated,
-    no clamping of the output). HIGHEST precision keeps its weight matmuls in float32 on TPU/GPU.
+
+def resize_bicubic_torch(x: np.ndarray, height: int, width: int) -> np.ndarray:
+    """``[C, H, W]`` float32 -> ``[C, height, width]`` float32, equal to PyTorch's
+    ``interpolate(mode="bicubic", align_corners=False, antialias=False)`` (given a ``size``) to float rounding.
+
+    Numpy on the host: a device resize compiles once per picture size. Border pixels repeat and the
+    output is not clamped (bicubic overshoots [0, 1]), as in PyTorch.
     """
-    out = jax.image.resize(jnp.asarray(x, jnp.float32), (x.shape[0], height, width),
-                           method=jax.image.ResizeMethod.CUBIC_PYTORCH, antialias=False,
-                           precision=jax.lax.Precision.HIGHEST)
-    return np.asarray(out)
+    rows = _bicubic_matrix(x.shape[1], height)  # [height, H]
+    cols = _bicubic_matrix(x.shape[2], width)  # [width, W]
+    # A downscale reads at most 4 input lines per output line; the rest have all-zero weight columns.
+    # Leaving them out changes no sum and keeps a 12-megapixel photo's matmuls small.
+    used_rows, used_cols = np.flatnonzero(rows.any(axis=0)), np.flatnonzero(cols.any(axis=0))
+    x = np.asarray(x, np.float32)[:, used_rows][:, :, used_cols].astype(np.float64)
+    # In float64, so the float32 result is the weighted sum rounded once (PyTorch sums in float32).
+    return (rows[:, used_rows] @ x @ cols[:, used_cols].T).astype(np.float32)  # [C, height, width]
 
 
 def _v2_one(picture: Image.Image | np.ndarray, side: int, where: str) -> np.ndarray:
