@@ -21,9 +21,9 @@ import datetime
 import math
 import os
 import statistics
-import subprocess
 import time
-from pathlib import Path
+
+from provenance import code_version
 
 # Short calls are repeated up to this many times to fill --min-seconds.
 MAX_CALLS = 200
@@ -55,18 +55,6 @@ def _median_seconds(fn, repeats: int, min_seconds: float) -> float:
     return statistics.median(times)
 
 
-def _commit() -> str:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "imvar_jax"], cwd=root, capture_output=True,
-                               text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + (" + uncommitted changes in imvar_jax/" if dirty else "")
-
-
 def main() -> None:
     # imvar-jax's adopted XLA:CPU flag, before anything starts a JAX backend;
     # IMVAR_JAX_KEEP_XLA_FLAGS=1 measures XLA's defaults.
@@ -84,7 +72,7 @@ def main() -> None:
     torch.set_grad_enabled(False)
     print(f"jax {jax.__version__} / jaxlib {jaxlib.__version__} on {jax.devices()[0].platform}, "
           f"torch {torch.__version__} ({torch.get_num_threads()} threads), {os.cpu_count()} cpus; "
-          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; code {_commit()}; "
+          f"XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; code {code_version()}; "
           f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')}", flush=True)
     b, n, h = args.batch, args.heads, args.head_dim
     rng = np.random.default_rng(0)

@@ -25,6 +25,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from provenance import code_version
+
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -32,18 +34,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=2, help="--steps for imvar-jax generate (default 2)")
     p.add_argument("extra", nargs="*", help="more imvar-jax generate options, after --")
     return p.parse_args()
-
-
-def _commit() -> str:
-    root = Path(__file__).resolve().parent.parent
-    try:
-        head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                              check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "imvar_jax"], cwd=root, capture_output=True,
-                               text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-    return head + (" + uncommitted changes in imvar_jax/" if dirty else "")
 
 
 def main() -> None:
@@ -63,7 +53,7 @@ def main() -> None:
                 "--steps", str(args.steps), "--num-per-image", "1", *args.extra]
         print(f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')}; {os.cpu_count()} cpus; "
               f"XLA_FLAGS in the environment={os.environ.get('XLA_FLAGS', '')!r}, IMVAR_JAX_KEEP_XLA_FLAGS="
-              f"{os.environ.get('IMVAR_JAX_KEEP_XLA_FLAGS', '')!r}; code {_commit()}", flush=True)
+              f"{os.environ.get('IMVAR_JAX_KEEP_XLA_FLAGS', '')!r}; code {code_version()}", flush=True)
         print("command: IMVAR_JAX_CACHE=<empty folder> " + " ".join(base[3:]) + " --out <new folder>", flush=True)
         seconds = {}
         for phase in ("cold", "warm"):
