@@ -14,6 +14,8 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
+import numpy as np
+
 from .hub import DEFAULT_MODEL, DEFAULT_REVISION, TINY_MODEL
 from .models.layers import ATTENTION_IMPLS
 from .precision import DTYPES
@@ -38,8 +40,6 @@ def positive_int(name: str, value: Any) -> int:
 
 
 def _is_np_int(value: Any) -> bool:
-    import numpy as np
-
     return isinstance(value, np.integer)
 
 

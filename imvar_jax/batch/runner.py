@@ -22,6 +22,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from .. import hub
+from ..parallel import Placement
 from ..pipeline import ImageVariationPipeline
 from ..preprocessing import to_pil, to_rgb
 from ..settings import GenerationSettings, SettingsError
@@ -80,7 +81,7 @@ class _Runner:
         self.settings = settings
         self.report = report
         self.progress = progress
-        self.devices = sorted(devices or jax.local_devices(), key=lambda d: d.id)
+        self.devices = list(Placement.of(devices).devices)
         self.summary = RunSummary()
         self.records: dict[str, dict[str, Any]] = {}
         self.bar: tqdm | None = None  # set while generating
