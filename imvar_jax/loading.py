@@ -7,7 +7,6 @@ before the next is read, so loading never holds the whole model twice.
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from .config_files import read_preprocessor_config, read_scheduler_config
 from .convert.checkpoint import is_converted, iter_torch_components, load_converted
 from .hub import TINY_MODEL, resolve_model
 from .schedulers import SD_V1_SCHEDULER_CONFIG
@@ -32,8 +32,13 @@ class LoadedModel:
     feature_extractor_config: dict[str, Any] | None
 
 
-def _read_optional_json(path: Path) -> dict[str, Any] | None:
-    return json.loads(path.read_text()) if path.is_file() else None
+def _read_optional(path: Path, read: Callable[[Path], dict[str, Any]]) -> dict[str, Any] | None:
+    """``read(path)`` (which checks the file's values), or None where the checkpoint has no such file.
+
+    A link to nowhere or a folder in the file's place is read, so it fails naming the file
+    instead of being taken for a missing config.
+    """
+    return read(path) if os.path.lexists(path) else None
 
 
 def move_to_devices(tree: dict[str, Any], put: Callable[[Any], jax.Array]) -> dict[str, Any]:
@@ -63,8 +68,10 @@ def load_model(path: str | os.PathLike, *, revision: str | None, dtype: np.dtype
         root = resolve_model(path, revision, dtype)
         loader = load_converted if is_converted(root) else iter_torch_components
         components = loader(root, dtype, include_safety_checker=safety_checker, component_dtypes={"vae": vae_dtype})
-        scheduler_config = _read_optional_json(root / "scheduler" / "scheduler_config.json")
-        feature_extractor_config = _read_optional_json(root / "feature_extractor" / "preprocessor_config.json")
+        # Read before the weights, so a bad side config fails in seconds, naming its file.
+        scheduler_config = _read_optional(root / "scheduler" / "scheduler_config.json", read_scheduler_config)
+        feature_extractor_config = _read_optional(root / "feature_extractor" / "preprocessor_config.json",
+                                                  read_preprocessor_config)
     configs: dict[str, Any] = {}
     params: dict[str, Any] = {}
     for name, config, p in components:

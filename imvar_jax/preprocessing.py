@@ -20,6 +20,9 @@ from typing import Any, Mapping
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
 
+from .errors import ConfigError
+from .models.config import short_repr as _short
+
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 PREPROCESSINGS = ("clip", "v2")
@@ -28,6 +31,9 @@ _SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
 _ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 _PIL_RESAMPLES = range(6)  # NEAREST, LANCZOS, BILINEAR, BICUBIC, BOX, HAMMING
 _TURNING_ORIENTATIONS = range(2, 9)  # the EXIF orientations ImageOps.exif_transpose acts on
+# CLIP encoders take 224..336-pixel sides; the bound keeps a hostile config from sizing a resize
+# or crop of every picture beyond memory.
+MAX_CONFIG_SIDE = 8192
 
 
 @dataclass(frozen=True)
@@ -62,10 +68,10 @@ class ClipSettings:
         return (self.default_size, self.default_size)
 
 
-def _config_flag(config: Mapping[str, Any], key: str, default: bool) -> bool:
+def _config_flag(config: Mapping[str, Any], key: str, default: bool, where: str) -> bool:
     value = config.get(key, default)
     if not isinstance(value, bool):
-        raise ValueError(f"feature_extractor_config: {key} must be true or false, got {value!r}")
+        raise ConfigError(f"{where}: {key} must be true or false, got {_short(value)}")
     return value
 
 
@@ -75,86 +81,99 @@ def _positive_int(value: Any, what: str) -> int:
     return int(value)
 
 
-def _height_width(value: Any, what: str) -> tuple[int, int] | None:
+def _config_side(value: Any, where: str, key: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not 0 < value <= MAX_CONFIG_SIDE:
+        raise ConfigError(f"{where}: {key} must be an integer in [1, {MAX_CONFIG_SIDE}], got {_short(value)}")
+    return int(value)
+
+
+def _height_width(value: Any, where: str, key: str) -> tuple[int, int] | None:
     """``{"height": h, "width": w}`` or ``[h, w]`` -> ``(h, w)``; None if ``value`` is neither."""
     if isinstance(value, Mapping) and {k for k, v in value.items() if v is not None} == {"height", "width"}:
-        return _positive_int(value["height"], f"{what}.height"), _positive_int(value["width"], f"{what}.width")
+        return (_config_side(value["height"], where, f"{key}.height"),
+                _config_side(value["width"], where, f"{key}.width"))
     if isinstance(value, (list, tuple)) and len(value) == 2:
-        return _positive_int(value[0], f"{what}[0]"), _positive_int(value[1], f"{what}[1]")
+        return _config_side(value[0], where, f"{key}[0]"), _config_side(value[1], where, f"{key}[1]")
     return None
 
 
-def _per_channel(config: Mapping[str, Any], key: str, default: tuple[float, ...]) -> tuple[float, float, float]:
+def _is_number(value: Any) -> bool:
+    # JSON's true is an int in Python; a flag must not pass for a number.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _per_channel(config: Mapping[str, Any], key: str, default: tuple[float, ...],
+                 where: str) -> tuple[float, float, float]:
     value = config.get(key, default)
-    values = [value] * 3 if isinstance(value, (int, float)) and not isinstance(value, bool) else value
-    if (not isinstance(values, (list, tuple)) or len(values) != 3
-            or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values)):
-        raise ValueError(f"feature_extractor_config: {key} must be a number or 3 numbers, got {value!r}")
+    values = [value] * 3 if _is_number(value) else value
+    if not isinstance(values, (list, tuple)) or len(values) != 3 or not all(_is_number(v) for v in values):
+        raise ConfigError(f"{where}: {key} must be a finite number or 3 finite numbers, got {_short(value)}")
     return float(values[0]), float(values[1]), float(values[2])
 
 
-def clip_settings(feature_extractor_config: Mapping[str, Any] | None = None, size: int = 224) -> ClipSettings:
+def clip_settings(feature_extractor_config: Mapping[str, Any] | None = None, size: int = 224, *,
+                  where: str = "feature_extractor_config") -> ClipSettings:
     """Read a ``preprocessor_config.json`` dict; keys it lacks take CLIP's defaults at ``size``.
 
     ``size``/``crop_size`` may be ints (old ``CLIPFeatureExtractor`` saves: an int ``size`` is the
-    shortest edge) or dicts (``{"shortest_edge": n}`` or ``{"height": h, "width": w}``).
+    shortest edge) or dicts (``{"shortest_edge": n}`` or ``{"height": h, "width": w}``). A bad value
+    raises ``ConfigError`` naming ``where`` (the config, or the file it was read from) and the key.
     """
     size = _positive_int(size, "size")
     config = feature_extractor_config or {}
     if not isinstance(config, Mapping):
-        raise TypeError(f"feature_extractor_config: expected a mapping, got {type(config).__name__}")
+        raise TypeError(f"{where}: expected a mapping, got {type(config).__name__}")
 
     raw_size = config.get("size", size)
     shortest_edge, resize_to = None, None
     if isinstance(raw_size, Mapping) and {k for k, v in raw_size.items() if v is not None} == {"shortest_edge"}:
-        shortest_edge = _positive_int(raw_size["shortest_edge"], "feature_extractor_config: size.shortest_edge")
+        shortest_edge = _config_side(raw_size["shortest_edge"], where, "size.shortest_edge")
     elif isinstance(raw_size, (int, np.integer)) and not isinstance(raw_size, bool):
-        shortest_edge = _positive_int(raw_size, "feature_extractor_config: size")
+        shortest_edge = _config_side(raw_size, where, "size")
     else:
-        resize_to = _height_width(raw_size, "feature_extractor_config: size")
+        resize_to = _height_width(raw_size, where, "size")
         if resize_to is None:
-            raise ValueError("feature_extractor_config: size must be an int, {'shortest_edge': n} or "
-                             f"{{'height': h, 'width': w}}, got {raw_size!r}")
+            raise ConfigError(f"{where}: size must be an int, {{'shortest_edge': n}} or {{'height': h, 'width': w}}, "
+                              f"got {_short(raw_size)}")
 
     raw_crop = config.get("crop_size", size)
     if isinstance(raw_crop, (int, np.integer)) and not isinstance(raw_crop, bool):
-        crop = _positive_int(raw_crop, "feature_extractor_config: crop_size")
+        crop = _config_side(raw_crop, where, "crop_size")
         crop_size = (crop, crop)
     else:
-        crop_size = _height_width(raw_crop, "feature_extractor_config: crop_size")
+        crop_size = _height_width(raw_crop, where, "crop_size")
         if crop_size is None:
-            raise ValueError("feature_extractor_config: crop_size must be an int or {'height': h, 'width': w}, "
-                             f"got {raw_crop!r}")
+            raise ConfigError(f"{where}: crop_size must be an int or {{'height': h, 'width': w}}, "
+                              f"got {_short(raw_crop)}")
 
     resample = config.get("resample", Image.Resampling.BICUBIC)
-    if isinstance(resample, bool) or resample not in _PIL_RESAMPLES:
-        raise ValueError(f"feature_extractor_config: resample must be a PIL filter number 0..5, got {resample!r}")
+    if isinstance(resample, bool) or not isinstance(resample, (int, np.integer)) or resample not in _PIL_RESAMPLES:
+        raise ConfigError(f"{where}: resample must be a PIL filter number 0..5, got {_short(resample)}")
     rescale_factor = config.get("rescale_factor", 1 / 255)
-    if (isinstance(rescale_factor, bool) or not isinstance(rescale_factor, (int, float))
-            or not math.isfinite(rescale_factor) or rescale_factor <= 0):
-        raise ValueError(f"feature_extractor_config: rescale_factor must be a positive number, got {rescale_factor!r}")
-    image_std = _per_channel(config, "image_std", CLIP_STD)
+    if not _is_number(rescale_factor) or rescale_factor <= 0:
+        raise ConfigError(f"{where}: rescale_factor must be a finite number > 0, got {_short(rescale_factor)}")
+    image_std = _per_channel(config, "image_std", CLIP_STD, where)
     if 0.0 in image_std:
-        raise ValueError(f"feature_extractor_config: image_std must not contain 0, got {list(image_std)}")
+        raise ConfigError(f"{where}: image_std must not contain 0, got {list(image_std)}")
 
     settings = ClipSettings(
-        do_convert_rgb=_config_flag(config, "do_convert_rgb", True),
-        do_resize=_config_flag(config, "do_resize", True),
+        do_convert_rgb=_config_flag(config, "do_convert_rgb", True, where),
+        do_resize=_config_flag(config, "do_resize", True, where),
         shortest_edge=shortest_edge,
         resize_to=resize_to,
         resample=int(resample),
-        do_center_crop=_config_flag(config, "do_center_crop", True),
+        do_center_crop=_config_flag(config, "do_center_crop", True, where),
         crop_size=crop_size,
-        do_rescale=_config_flag(config, "do_rescale", True),
+        do_rescale=_config_flag(config, "do_rescale", True, where),
         rescale_factor=float(rescale_factor),
-        do_normalize=_config_flag(config, "do_normalize", True),
-        image_mean=_per_channel(config, "image_mean", CLIP_MEAN),
+        do_normalize=_config_flag(config, "do_normalize", True, where),
+        image_mean=_per_channel(config, "image_mean", CLIP_MEAN, where),
         image_std=image_std,
         default_size=size,
     )
     if settings.output_size[0] != settings.output_size[1]:
-        raise ValueError(f"feature_extractor_config: pictures would come out {settings.output_size[0]}x"
-                         f"{settings.output_size[1]}; the CLIP encoder takes square ones")
+        raise ConfigError(f"{where}: pictures would come out {settings.output_size[0]}x{settings.output_size[1]} "
+                          "(crop_size/size); the CLIP encoder takes square ones")
     return settings
 
 

@@ -9,7 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from imvar_jax.models.config import ConfigError, ConfigKeys, JsonConfig, check_value, field_names, from_dict
+from imvar_jax.models.config import (ConfigError, ConfigKeys, JsonConfig, check_int, check_number, check_value,
+                                     field_names, from_dict, short_repr)
 from imvar_jax.models.layers import AttentionImpl, conv, dot_product_attention, layer_norm
 
 # transformers' "gelu" is the exact erf form; its default is "quick_gelu".
@@ -58,13 +59,20 @@ class CLIPVisionConfig(JsonConfig):
 
     def __post_init__(self) -> None:
         check_value("clip_vision", "hidden_act", self.hidden_act, _ACTIVATIONS)
-        for field in ("image_size", "patch_size"):
-            if not isinstance(getattr(self, field), int):
-                raise ConfigError(f"clip_vision: unsupported config value {field}={getattr(self, field)!r} "
-                                  f"(only a single int)")
+        for key in ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_channels",
+                    "projection_dim"):
+            check_int("clip_vision", key, getattr(self, key))
+        for key in ("image_size", "patch_size"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ConfigError(f"clip_vision: unsupported config value {key}={short_repr(value)} "
+                                  f"(only a single positive integer)")
+        check_number("clip_vision", "layer_norm_eps", self.layer_norm_eps, positive=True)
         if self.hidden_size % self.num_attention_heads:
             raise ConfigError(f"clip_vision: num_attention_heads={self.num_attention_heads} does not divide "
                               f"hidden_size={self.hidden_size}")
+        # A patch that does not divide the picture is fine (the stride drops the rest, as in
+        # transformers); one larger than the picture leaves no patch at all.
         if self.patch_size > self.image_size:
             raise ConfigError(f"clip_vision: patch_size={self.patch_size} exceeds image_size={self.image_size}")
 
@@ -98,8 +106,13 @@ class CLIPVisionConfig(JsonConfig):
             # Both are checked: transformers overrides every tower field of vision_config with
             # vision_config_dict's (defaults filling what it omits), but keeps its other keys.
             CLIP_VISION_KEYS.check(sub, f"{name}.{key}")
-        vision = subs.get("vision_config_dict", subs.get("vision_config", {}))
-        return from_dict(cls, vision, CLIP_VISION_KEYS, projection_dim=raw.get("projection_dim", _CLIP_PROJECTION_DIM))
+        projection_dim = check_int(name, "projection_dim", raw.get("projection_dim", _CLIP_PROJECTION_DIM))
+        used = "vision_config_dict" if "vision_config_dict" in subs else "vision_config"
+        try:
+            return from_dict(cls, subs.get(used, {}), CLIP_VISION_KEYS, projection_dim=projection_dim)
+        except ConfigError as e:
+            # The tower's checks name it "clip_vision"; here it is this config's sub-dict.
+            raise ConfigError(f"{name}.{used}: {str(e).removeprefix('clip_vision: ')}") from None
 
     @classmethod
     def sd_v1(cls) -> Self:

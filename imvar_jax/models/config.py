@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import reprlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,9 +19,7 @@ KeyKind = Literal["read", "pinned", "ignored"]
 # Values in messages stay short and on one line, whatever a config holds.
 _short = reprlib.Repr()
 _short.maxstring = _short.maxother = 60
-_repr = _short.repr
-
-
+_repr = short_repr = _short.repr
 
 
 @dataclass(frozen=True)
@@ -89,12 +88,74 @@ def _normalise(value: Any) -> Any:
     return value
 
 
+def check_int(name: str, key: str, value: Any, minimum: int = 1) -> int:
+    """``value`` if it is an int (a bool is not) of at least ``minimum``, else ``ConfigError`` naming ``key``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name}: {key} must be an integer >= {minimum}, got {_repr(value)}")
+    return value
+
+
+def check_ints(name: str, key: str, value: Any, minimum: int = 1) -> tuple[int, ...]:
+    """``value`` if it is a non-empty list (a tuple, once read) of ints of at least ``minimum``."""
+    if (not isinstance(value, tuple) or not value
+            or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum for v in value)):
+        raise ConfigError(f"{name}: {key} must be a non-empty list of integers >= {minimum}, "
+                          f"got {_repr(_plain(value))}")
+    return value
+
+
+def check_per_block(name: str, key: str, value: Any, blocks: int, minimum: int = 1) -> tuple[int, ...]:
+    """An int for every block, or a list of one int per block (each at least ``minimum``), as one per block."""
+    if isinstance(value, tuple):
+        if len(value) != blocks or not all(isinstance(v, int) and not isinstance(v, bool) and v >= minimum
+                                           for v in value):
+            raise ConfigError(f"{name}: unsupported config value {key}={_repr(_plain(value))} (an integer >= "
+                              f"{minimum}, or one per block: {blocks} blocks)")
+        return value
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"{name}: unsupported config value {key}={_repr(_plain(value))} (an integer >= {minimum}, "
+                          f"or one per block)")
+    return (value,) * blocks
+
+
+def check_number(name: str, key: str, value: Any, *, positive: bool = False) -> float:
+    """``value`` if it is a finite number (a bool is not), and > 0 where ``positive``."""
+    if (isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value)
+            or (positive and value <= 0)):
+        what = "a finite number > 0" if positive else "a finite number"
+        raise ConfigError(f"{name}: {key} must be {what}, got {_repr(_plain(value))}")
+    return value
+
+
+def check_bool(name: str, key: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ConfigError(f"{name}: {key} must be true or false, got {_repr(_plain(value))}")
+    return value
+
+
+def check_names(name: str, key: str, value: Any, allowed: tuple[str, ...], blocks: int) -> tuple[str, ...]:
+    """``value`` if it is a list of ``blocks`` names, each one of ``allowed``."""
+    if not isinstance(value, tuple) or not all(isinstance(v, str) and v in allowed for v in value):
+        raise ConfigError(f"{name}: unsupported config value {key}={_repr(_plain(value))} "
+                          f"(supported blocks: {list(allowed)!r})")
+    if len(value) != blocks:
+        raise ConfigError(f"{name}: {key} has {len(value)} entries but block_out_channels has {blocks}")
+    return value
+
+
+def _plain(value: Any) -> Any:
+    """A read value as the JSON held it (lists, not the tuples they became), for messages."""
+    return [_plain(v) for v in value] if isinstance(value, tuple) else value
+
+
 def field_names(cls: type) -> frozenset[str]:
     return frozenset(f.name for f in dataclasses.fields(cls))
 
 
 def from_dict(cls: type[C], raw: Mapping[str, Any], keys: ConfigKeys, **overrides: Any) -> C:
     """Check ``raw`` against ``keys``, then build ``cls`` from its read keys; lists become tuples (hashable)."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{keys.name}: expected a JSON object, got {type(raw).__name__}")
     keys.check(raw)
     kwargs = {k: _normalise(v) for k, v in raw.items() if k in keys.read}
     kwargs.update(overrides)
@@ -110,7 +171,12 @@ class JsonConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> Any:
-        return cls.from_dict(read_json(path))
+        """Read ``path`` through ``from_dict``; every ``ConfigError`` starts with the file's path."""
+        raw = read_json(path)
+        try:
+            return cls.from_dict(raw)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
 
 def read_json(path: str | Path) -> dict[str, Any]:
@@ -122,6 +188,10 @@ def read_json(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"missing config file {path}") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:
+        raise ConfigError(f"{path}: not valid JSON (nested too deeply)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config file ({e.strerror or e})") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a JSON object")
     return data

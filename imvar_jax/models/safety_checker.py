@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from imvar_jax.models.clip_vision import CLIPVisionConfig, CLIPVisionTransformer
-from imvar_jax.models.config import JsonConfig
+from imvar_jax.models.config import ConfigError, JsonConfig, check_int
 from imvar_jax.models.layers import AttentionImpl
 
 # diffusers fixes these counts in the module, not in the config.
@@ -30,6 +30,12 @@ class SafetyCheckerConfig(JsonConfig):
 
     vision_config: CLIPVisionConfig = field(default_factory=CLIPVisionConfig)
     projection_dim: int = 512
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.vision_config, CLIPVisionConfig):
+            raise ConfigError(f"safety_checker: vision_config must be a CLIPVisionConfig, "
+                              f"got {type(self.vision_config).__name__}")
+        check_int("safety_checker", "projection_dim", self.projection_dim)
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any]) -> Self:

@@ -10,7 +10,9 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from imvar_jax.models.config import ConfigError, ConfigKeys, JsonConfig, check_value, field_names, from_dict
+from imvar_jax.models.config import (ConfigError, ConfigKeys, JsonConfig, check_bool, check_int, check_ints,
+                                     check_names, check_number, check_per_block, check_value, field_names, from_dict,
+                                     short_repr)
 from imvar_jax.models.layers import AttentionImpl, conv, group_norm
 from imvar_jax.models.unet_blocks import DownBlock2D, TransformerSpec, UNetMidBlock2DCrossAttn, UpBlock2D
 
@@ -92,34 +94,39 @@ class UNetConfig(JsonConfig):
     time_embedding_dim: int | None = None
 
     def __post_init__(self) -> None:
+        # Types first: the relations checked after them would raise TypeError on a wrong type.
         check_value("unet", "downsample_padding", self.downsample_padding, _DOWNSAMPLE_PADDINGS)
-        n = len(self.block_out_channels)
-        if n == 0:
-            raise ConfigError("unet: block_out_channels is empty")
-        for field, types, allowed in (("down_block_types", self.down_block_types, _DOWN_BLOCKS),
-                                      ("up_block_types", self.up_block_types, _UP_BLOCKS)):
-            bad = [t for t in types if t not in allowed]
-            if bad:
-                raise ConfigError(f"unet: unsupported config value {field}={list(types)!r} "
-                                  f"(supported blocks: {list(allowed)!r})")
-            if len(types) != n:
-                raise ConfigError(f"unet: {field} has {len(types)} entries but block_out_channels has {n}")
-        for field in ("layers_per_block", "cross_attention_dim", "transformer_layers_per_block",
-                      "attention_head_dim"):
-            value = getattr(self, field)
-            if isinstance(value, tuple):
-                if len(value) != n or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
-                    raise ConfigError(f"unet: unsupported config value {field}={list(value)!r} "
-                                      f"(an int or one int per block, {n} blocks)")
-            elif not isinstance(value, int) or isinstance(value, bool):
-                raise ConfigError(f"unet: unsupported config value {field}={value!r} (an int or one int per block)")
-        if not isinstance(self.norm_num_groups, int) or any(c % self.norm_num_groups
-                                                            for c in self.block_out_channels):
-            raise ConfigError(f"unet: unsupported config value norm_num_groups={self.norm_num_groups!r} "
-                              f"(must divide block_out_channels={list(self.block_out_channels)})")
+        size = self.sample_size
+        sides = size if isinstance(size, tuple) and len(size) == 2 else (size,)
+        if size is not None and not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in sides):
+            raise ConfigError(f"unet: sample_size must be null, a positive integer or [height, width], "
+                              f"got {short_repr(size)}")
+        check_int("unet", "in_channels", self.in_channels)
+        check_int("unet", "out_channels", self.out_channels)
+        for key in ("flip_sin_to_cos", "use_linear_projection", "upcast_attention"):
+            check_bool("unet", key, getattr(self, key))
+        channels = check_ints("unet", "block_out_channels", self.block_out_channels)
+        n = len(channels)
+        check_names("unet", "down_block_types", self.down_block_types, _DOWN_BLOCKS, n)
+        check_names("unet", "up_block_types", self.up_block_types, _UP_BLOCKS, n)
+        for key in ("layers_per_block", "cross_attention_dim", "transformer_layers_per_block", "attention_head_dim"):
+            check_per_block("unet", key, getattr(self, key), n)
+        groups = self.norm_num_groups
+        # Every resnet and transformer normalises block channels (up blocks: sums of them).
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0 or any(c % groups for c in channels):
+            raise ConfigError(f"unet: unsupported config value norm_num_groups={short_repr(groups)} "
+                              f"(a positive integer dividing block_out_channels={list(channels)})")
+        check_number("unet", "norm_eps", self.norm_eps, positive=True)
+        if self.time_embedding_dim is not None:
+            check_int("unet", "time_embedding_dim", self.time_embedding_dim)
+        # The sinusoids' frequencies divide by (half width - freq_shift): at or past zero they become infinite.
+        half = channels[0] // 2
+        if check_number("unet", "freq_shift", self.freq_shift) >= half:
+            raise ConfigError(f"unet: freq_shift must be below half of block_out_channels[0] ({half}), "
+                              f"got {self.freq_shift!r}")
         for i in self._attention_blocks():
             heads = self.heads[i]
-            if heads <= 0 or self.block_out_channels[i] % heads:
+            if self.block_out_channels[i] % heads:
                 raise ConfigError(f"unet: unsupported config value attention_head_dim={self.attention_head_dim!r} "
                                   f"(the head count {heads} must divide block {i}'s {self.block_out_channels[i]} "
                                   f"channels)")

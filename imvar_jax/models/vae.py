@@ -9,7 +9,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from imvar_jax.models.config import ConfigError, ConfigKeys, JsonConfig, field_names, from_dict
+from imvar_jax.models.config import (ConfigError, ConfigKeys, JsonConfig, check_bool, check_int, check_ints,
+                                     check_names, check_number, field_names, from_dict, short_repr)
 from imvar_jax.models.layers import (AttentionImpl, Downsample2D, ResnetBlock2D, Upsample2D, conv,
                                      dot_product_attention, group_norm)
 
@@ -48,16 +49,21 @@ class VAEConfig(JsonConfig):
     mid_block_add_attention: bool = True
 
     def __post_init__(self) -> None:
-        n = len(self.block_out_channels)
-        for field, types, block in (("down_block_types", self.down_block_types, "DownEncoderBlock2D"),
-                                    ("up_block_types", self.up_block_types, "UpDecoderBlock2D")):
-            if any(t != block for t in types):
-                raise ConfigError(f"vae: unsupported config value {field}={list(types)!r} (only {block} blocks)")
-            if len(types) != n:
-                raise ConfigError(f"vae: {field} has {len(types)} entries but block_out_channels has {n}")
-        if any(c % self.norm_num_groups for c in self.block_out_channels):
-            raise ConfigError(f"vae: norm_num_groups={self.norm_num_groups} does not divide "
-                              f"block_out_channels={list(self.block_out_channels)}")
+        # Types first: the relations checked after them would raise TypeError on a wrong type.
+        for key in ("in_channels", "out_channels", "layers_per_block", "latent_channels"):
+            check_int("vae", key, getattr(self, key))
+        for key in ("use_quant_conv", "use_post_quant_conv", "mid_block_add_attention"):
+            check_bool("vae", key, getattr(self, key))
+        channels = check_ints("vae", "block_out_channels", self.block_out_channels)
+        check_names("vae", "down_block_types", self.down_block_types, ("DownEncoderBlock2D",), len(channels))
+        check_names("vae", "up_block_types", self.up_block_types, ("UpDecoderBlock2D",), len(channels))
+        groups = self.norm_num_groups
+        # Every resnet, the mid-block attention and both output norms normalise block channels.
+        if isinstance(groups, bool) or not isinstance(groups, int) or groups <= 0 or any(c % groups for c in channels):
+            raise ConfigError(f"vae: norm_num_groups={short_repr(groups)} must be a positive integer dividing "
+                              f"block_out_channels={list(channels)}")
+        # Latents are divided by it before decoding.
+        check_number("vae", "scaling_factor", self.scaling_factor, positive=True)
 
     @property
     def scale_factor(self) -> int:

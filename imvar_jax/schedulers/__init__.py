@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from typing import Any, Mapping
 
-from .common import SchedulerConfig
+from .common import SchedulerConfig, check_scheduler_config
 from .ddim import DDIMScheduler, DDIMState
 from .lms import LMSDiscreteScheduler, LMSState
 from .pndm import PNDMScheduler, PNDMState
@@ -48,5 +48,5 @@ def make_scheduler(name: str, raw_config: Mapping[str, Any]) -> Scheduler:
 
 __all__ = [
     "SCHEDULERS", "SD_V1_SCHEDULER_CONFIG", "DDIMScheduler", "DDIMState", "LMSDiscreteScheduler", "LMSState", "PNDMScheduler", "PNDMState",
-    "Scheduler", "SchedulerConfig", "make_scheduler",
+    "Scheduler", "SchedulerConfig", "check_scheduler_config", "make_scheduler",
 ]

@@ -42,6 +42,10 @@ _CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
 }
 # LMS sigma reschedulings we do not implement; each must be absent or false.
 _LMS_UNSUPPORTED_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
+_FLAGS = ("set_alpha_to_one", "skip_prk_steps", "clip_sample", "thresholding", "rescale_betas_zero_snr")
+# Trained models use 1000; the bound keeps a hostile file from sizing the host-side tables
+# (alpha_bar, timesteps) beyond memory.
+MAX_TRAIN_TIMESTEPS = 1_000_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,30 +72,11 @@ class SchedulerConfig:
     rescale_betas_zero_snr: bool = False
 
     def __post_init__(self) -> None:
-        _check_int("num_train_timesteps", self.num_train_timesteps, minimum=1)
-        _check_int("steps_offset", self.steps_offset, minimum=0)
-        for name in ("set_alpha_to_one", "skip_prk_steps", "clip_sample", "thresholding", "rescale_betas_zero_snr"):
-            if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"scheduler config: {name} must be true or false, got {getattr(self, name)!r}")
-        for name in ("beta_start", "beta_end", "clip_sample_range"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ConfigError(f"scheduler config: {name} must be a finite number, got {value!r}")
-        _check_choice("beta_schedule", self.beta_schedule, BETA_SCHEDULES)
-        _check_choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
-        _check_choice("timestep_spacing", self.timestep_spacing, TIMESTEP_SPACINGS)
+        _check_values(dataclasses.asdict(self), "scheduler config")
         if self.thresholding:
             raise ConfigError("scheduler config: thresholding=true (dynamic thresholding) is not supported")
         if self.rescale_betas_zero_snr:
             raise ConfigError("scheduler config: rescale_betas_zero_snr=true is not supported")
-        if self.clip_sample_range <= 0:
-            raise ConfigError(f"scheduler config: clip_sample_range must be > 0, got {self.clip_sample_range!r}")
-        if self.trained_betas is not None:
-            if len(self.trained_betas) != self.num_train_timesteps:
-                raise ConfigError(f"scheduler config: trained_betas has {len(self.trained_betas)} values, "
-                                  f"num_train_timesteps is {self.num_train_timesteps}")
-            if not all(0.0 <= b < 1.0 for b in self.trained_betas):
-                raise ConfigError("scheduler config: trained_betas must all lie in [0, 1)")
 
     @classmethod
     def from_dict(cls, raw: Mapping[str, Any], kind: str) -> SchedulerConfig:
@@ -102,35 +87,104 @@ class SchedulerConfig:
             raise TypeError(f"scheduler config: expected a mapping, got {type(raw).__name__}")
         if kind not in _CLASS_DEFAULTS:
             raise ValueError(f"kind: unknown scheduler kind {kind!r} (choose one of {', '.join(KINDS)})")
+        values = _class_values(raw, kind, "scheduler config")
         if kind == "lms":
+            _check_lms_flags(raw, "scheduler config")
             for flag in _LMS_UNSUPPORTED_FLAGS:
                 if raw.get(flag):
                     raise ConfigError(f"scheduler config: {flag}=true is not supported")
-        # A config diffusers built in memory lists the keys it filled from its own class's
-        # defaults; from_config gives those the new class's defaults instead.
-        implicit = set(raw.get("_use_default_values") or ())
-        values = {name: raw[name] if name in raw and name not in implicit else default
-                  for name, default in _CLASS_DEFAULTS[kind].items()}
-        betas = values["trained_betas"]
-        if betas is not None:
-            try:
-                values["trained_betas"] = tuple(float(b) for b in betas)
-            except (TypeError, ValueError):
-                raise ConfigError("scheduler config: trained_betas must be a list of numbers") from None
+        _check_values(values, "scheduler config")
+        if values["trained_betas"] is not None:
+            values["trained_betas"] = tuple(float(b) for b in values["trained_betas"])
         for name in ("beta_start", "beta_end", "clip_sample_range"):
-            if name in values and isinstance(values[name], int) and not isinstance(values[name], bool):
+            if name in values:
                 values[name] = float(values[name])
         return cls(**values)
 
 
-def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"scheduler config: {name} must be an integer >= {minimum}, got {value!r}")
+def check_scheduler_config(raw: Mapping[str, Any], where: str = "scheduler config") -> None:
+    """Raise ``ConfigError`` (naming ``where`` and the key) on a value of the wrong type or out of range for any
+    supported scheduler, so a bad file fails when it is read, whichever scheduler is picked later.
+
+    Options a scheduler does not implement (``thresholding=true``, Karras sigmas, ...) are left to the
+    scheduler that is built: the others ignore them, as diffusers' classes do.
+    """
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where}: expected a JSON object, got {type(raw).__name__}")
+    for kind in KINDS:
+        _check_values(_class_values(raw, kind, where), where)
+    _check_lms_flags(raw, where)
 
 
-def _check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"scheduler config: unsupported {name}={value!r} (supported: {', '.join(choices)})")
+def _check_lms_flags(raw: Mapping[str, Any], where: str) -> None:
+    for flag in _LMS_UNSUPPORTED_FLAGS:
+        if flag in raw and not isinstance(raw[flag], bool):
+            raise ConfigError(f"{where}: {flag} must be true or false, got {_short(raw[flag])}")
+
+
+def _class_values(raw: Mapping[str, Any], kind: str, where: str) -> dict[str, Any]:
+    """The values diffusers' ``<kind>`` class takes from ``raw``, its own defaults filling the rest."""
+    # A config diffusers built in memory lists the keys it filled from its own class's
+    # defaults; from_config gives those the new class's defaults instead.
+    implicit = raw.get("_use_default_values")
+    if implicit is None:
+        implicit = []
+    if not isinstance(implicit, (list, tuple)) or not all(isinstance(k, str) for k in implicit):
+        raise ConfigError(f"{where}: _use_default_values must be a list of key names, got {_short(implicit)}")
+    return {name: raw[name] if name in raw and name not in implicit else default
+            for name, default in _CLASS_DEFAULTS[kind].items()}
+
+
+def _short(value: Any) -> str:
+    # Values in messages stay short and on one line, whatever a config holds.
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_number(value: Any) -> bool:
+    # JSON's true is an int in Python; a flag must not pass for a number.
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_values(values: Mapping[str, Any], where: str) -> None:
+    """Types and ranges of the scheduler fields present in ``values`` (those one class reads)."""
+    total = values["num_train_timesteps"]
+    _check_int(where, "num_train_timesteps", total, 1, MAX_TRAIN_TIMESTEPS)
+    _check_int(where, "steps_offset", values["steps_offset"], 0, total - 1)
+    for name in _FLAGS:
+        if name in values and not isinstance(values[name], bool):
+            raise ConfigError(f"{where}: {name} must be true or false, got {_short(values[name])}")
+    for name in ("beta_start", "beta_end", "clip_sample_range"):
+        if name in values and not _is_number(values[name]):
+            raise ConfigError(f"{where}: {name} must be a finite number, got {_short(values[name])}")
+    # diffusers checks none of these; outside them the schedule divides by zero or takes the root
+    # of a negative number (a beta of 1 makes alpha_bar 0 from that step on).
+    if not 0.0 < values["beta_start"] <= values["beta_end"] < 1.0:
+        raise ConfigError(f"{where}: beta_start and beta_end must satisfy 0 < beta_start <= beta_end < 1, got "
+                          f"beta_start={values['beta_start']!r}, beta_end={values['beta_end']!r}")
+    if "clip_sample_range" in values and values["clip_sample_range"] <= 0:
+        raise ConfigError(f"{where}: clip_sample_range must be > 0, got {values['clip_sample_range']!r}")
+    _check_choice(where, "beta_schedule", values["beta_schedule"], BETA_SCHEDULES)
+    _check_choice(where, "prediction_type", values["prediction_type"], PREDICTION_TYPES)
+    _check_choice(where, "timestep_spacing", values["timestep_spacing"], TIMESTEP_SPACINGS)
+    betas = values["trained_betas"]
+    if betas is not None:
+        if not isinstance(betas, (list, tuple)) or not all(_is_number(b) for b in betas):
+            raise ConfigError(f"{where}: trained_betas must be null or a list of numbers, got {_short(betas)}")
+        if len(betas) != total:
+            raise ConfigError(f"{where}: trained_betas has {len(betas)} values, num_train_timesteps is {total}")
+        if not all(0.0 < b < 1.0 for b in betas):
+            raise ConfigError(f"{where}: trained_betas must all lie in (0, 1)")
+
+
+def _check_int(where: str, name: str, value: Any, minimum: int, maximum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise ConfigError(f"{where}: {name} must be an integer in [{minimum}, {maximum}], got {_short(value)}")
+
+
+def _check_choice(where: str, name: str, value: Any, choices: tuple[str, ...]) -> None:
+    if not isinstance(value, str) or value not in choices:
+        raise ConfigError(f"{where}: unsupported {name}={_short(value)} (supported: {', '.join(choices)})")
 
 
 def _torch_linspace_f32(start: float, end: float, n: int) -> np.ndarray:
