@@ -9,14 +9,17 @@ fills and a shape that disagrees are all errors that name the key.
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any, Callable, Iterable, Mapping, NamedTuple
 
 import jax
 import ml_dtypes
 import numpy as np
+
+from ..errors import shown
 
 
 class ConversionError(ValueError):
@@ -100,54 +103,189 @@ def param_rule(torch_key: str, flax_path: str) -> Rule:
 _ST_DTYPES = {
     "F64": np.dtype(np.float64), "F32": np.dtype(np.float32), "F16": np.dtype(np.float16),
     "BF16": np.dtype(ml_dtypes.bfloat16), "I64": np.dtype(np.int64), "I32": np.dtype(np.int32),
-    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
+    "I16": np.dtype(np.int16), "I8": np.dtype(np.int8), "U64": np.dtype(np.uint64), "U32": np.dtype(np.uint32),
+    "U16": np.dtype(np.uint16), "U8": np.dtype(np.uint8), "BOOL": np.dtype(np.bool_),
 }
+
+# The reference implementation's limit: a longer header is refused before it is read.
+MAX_HEADER_BYTES = 100_000_000
+# The most dimensions every supported numpy (1.26 on) gives an array.
+_MAX_NDIM = 32
+
+
+class SafetensorsEntry(NamedTuple):
+    """One tensor of a safetensors header; offsets count from the start of the data section."""
+
+    dtype: np.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+class _DuplicateKey(Exception):
+    pass
+
+
+class _NotJson(Exception):
+    pass
+
+
+def _refuse_constant(name: str) -> None:
+    # Python's json reads NaN and Infinity, which JSON (and every other reader of the file) refuses.
+    raise _NotJson(name)
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # json keeps the last of two equal keys silently; two readers could then disagree on a tensor.
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if not _is_text(key) or (isinstance(value, str) and not _is_text(value)):
+            raise _NotJson(key)
+        if key in out:
+            raise _DuplicateKey(key)
+        out[key] = value
+    return out
+
+
+def _is_text(s: str) -> bool:
+    # Python's json reads a lone UTF-16 surrogate escape ("\ud800") into a str no file can hold.
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _strict_json(text: str, path: str | os.PathLike, what: str) -> Any:
+    """``text`` parsed as JSON with every object's keys unique; ConversionError naming ``path`` otherwise."""
+    try:
+        return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_refuse_constant)
+    except _DuplicateKey as e:
+        raise ConversionError(f"{path}: {what} names {_name(e.args[0])} twice") from None
+    except (ValueError, RecursionError, _NotJson):
+        raise ConversionError(f"{path}: {what} is not valid JSON") from None
+
+
+def _name(key: Any) -> str:
+    return shown(key, 120)
+
+
+def _json_kind(value: Any) -> str:
+    kinds = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+             float: "a number", type(None): "null"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def safetensors_header_length(head: bytes, file_size: int, path: str | os.PathLike) -> int:
+    """The header length a safetensors file's first 8 bytes give (little-endian), checked against the file size."""
+    if len(head) < 8 or file_size < 8:
+        raise ConversionError(f"{path}: not a safetensors file (shorter than its header)")
+    n = int.from_bytes(head[:8], "little")
+    if n > MAX_HEADER_BYTES:
+        raise ConversionError(f"{path}: not a safetensors file (header length {n} over the limit of "
+                              f"{MAX_HEADER_BYTES})")
+    if n > file_size - 8:
+        raise ConversionError(f"{path}: not a safetensors file or truncated (header length {n}, "
+                              f"file size {file_size})")
+    return n
+
+
+def check_safetensors_header(header: bytes, data_size: int, path: str | os.PathLike) -> dict[str, SafetensorsEntry]:
+    """The tensors a safetensors header describes, each checked against the format.
+
+    ``header`` is the JSON between the length prefix and the data section of ``data_size``
+    bytes. It must be a UTF-8 JSON object without repeated keys; ``__metadata__``, if there,
+    an object of strings; every other entry an object with a known ``dtype``, a ``shape`` of
+    non-negative ints and ``data_offsets`` ``[begin, end]`` spanning exactly the tensor's
+    bytes, and the entries together cover the data section with no overlap, gap or rest.
+    Raises ConversionError naming ``path`` and the tensor.
+    """
+    try:
+        text = header.decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConversionError(f"{path}: not a safetensors file (header is not UTF-8 text)") from None
+    parsed = _strict_json(text, path, "safetensors header")
+    if not isinstance(parsed, dict):
+        raise ConversionError(f"{path}: not a safetensors file (header is {_json_kind(parsed)}, not an object)")
+    entries: dict[str, SafetensorsEntry] = {}
+    for key, info in parsed.items():
+        if key == "__metadata__":
+            if not isinstance(info, dict) or not all(isinstance(v, str) for v in info.values()):
+                raise ConversionError(f"{path}: header field __metadata__ is not an object of strings")
+        else:
+            entries[key] = _header_entry(key, info, data_size, path)
+    cursor, previous = 0, None
+    for key, e in sorted(entries.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if e.begin < cursor:
+            raise ConversionError(f"{path}: tensor {_name(key)} (data bytes {e.begin}-{e.end}) overlaps tensor "
+                                  f"{_name(previous)} (ending at {cursor})")
+        if e.begin > cursor:
+            raise ConversionError(f"{path}: tensor {_name(key)} starts at data byte {e.begin}, leaving "
+                                  f"{e.begin - cursor} bytes that no tensor holds")
+        cursor, previous = e.end, key
+    if cursor != data_size:
+        raise ConversionError(f"{path}: the last {data_size - cursor} bytes of the data section belong to no tensor")
+    return entries
+
+
+def _header_entry(key: str, info: Any, data_size: int, path: str | os.PathLike) -> SafetensorsEntry:
+    where = f"{path}: tensor {_name(key)}"
+    if not isinstance(info, dict):
+        raise ConversionError(f"{where}: header entry is {_json_kind(info)}, not an object")
+    for field_name in ("dtype", "shape", "data_offsets"):
+        if field_name not in info:
+            raise ConversionError(f"{where}: header entry has no '{field_name}'")
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in _ST_DTYPES:
+        raise ConversionError(f"{where}: unknown dtype {_name(dtype)} (known: {', '.join(_ST_DTYPES)})")
+    # type() rather than isinstance: JSON's true and false are ints to Python.
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise ConversionError(f"{where}: shape {shown(shape)} is not a list of non-negative integers")
+    itemsize = _ST_DTYPES[dtype].itemsize
+    if len(shape) > _MAX_NDIM or math.prod(max(d, 1) for d in shape) * itemsize > np.iinfo(np.intp).max:
+        raise ConversionError(f"{where}: shape {shown(shape)} is larger than an array can be")
+    if (not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets)
+            or not 0 <= offsets[0] <= offsets[1]):
+        raise ConversionError(f"{where}: data_offsets {shown(offsets)} is not [begin, end] with 0 <= begin <= end")
+    begin, end = offsets
+    if end > data_size:
+        raise ConversionError(f"{path}: truncated or corrupt (tensor {_name(key)} ends at data byte {end}, "
+                              f"past the end of the file's {data_size} data bytes)")
+    want = math.prod(shape) * itemsize
+    if end - begin != want:
+        raise ConversionError(f"{where}: data_offsets span {end - begin} bytes, but shape {tuple(shape)} of "
+                              f"{dtype} needs {want}")
+    return SafetensorsEntry(_ST_DTYPES[dtype], tuple(shape), begin, end)
 
 
 class _SafetensorsFile:
     """A ``.safetensors`` file read tensor by tensor with numpy (bfloat16 included, no torch).
 
-    Reads use ``pread`` rather than a memory map: mapped pages would stay resident and
-    count against the process, so converting would hold the file and the result at once.
+    The whole header is checked on opening (``check_safetensors_header``). Reads use ``pread``
+    rather than a memory map: mapped pages would stay resident and count against the process,
+    so converting would hold the file and the result at once.
     """
 
     def __init__(self, path: Path):
         self.path = path
         try:
-            size = path.stat().st_size
             with open(path, "rb") as f:
-                head = f.read(8)
-                if len(head) < 8:
-                    raise ConversionError(f"{path}: not a safetensors file (shorter than its header)")
-                n = int.from_bytes(head, "little")
-                if n > size - 8 or n > 100_000_000:
-                    raise ConversionError(f"{path}: not a safetensors file or truncated (header length {n})")
-                header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            raise ConversionError(f"{path}: not a safetensors file (unreadable header)") from None
+                size = os.fstat(f.fileno()).st_size
+                n = safetensors_header_length(f.read(8), size, path)
+                header = f.read(n)
         except OSError as e:
             raise ConversionError(f"{path}: cannot read ({e.strerror})") from None
-        header.pop("__metadata__", None)
-        self._entries: dict[str, tuple[np.dtype, tuple[int, ...], int, int]] = {}
+        if len(header) != n:
+            raise ConversionError(f"{path}: truncated while reading its header")
         data_start = 8 + n
-        for key, info in header.items():
-            try:
-                dtype = _ST_DTYPES[info["dtype"]]
-                shape = tuple(int(d) for d in info["shape"])
-                begin, end = (int(o) for o in info["data_offsets"])
-            except (KeyError, TypeError, ValueError):
-                raise ConversionError(f"{path}: malformed header entry for tensor '{key}'") from None
-            if end - begin != dtype.itemsize * int(np.prod(shape)):
-                raise ConversionError(f"{path}: tensor '{key}' has inconsistent size in the header")
-            if data_start + end > size:
-                raise ConversionError(f"{path}: truncated (tensor '{key}' ends past the end of the file)")
-            self._entries[key] = (dtype, shape, data_start + begin, data_start + end)
+        self._entries = {key: e._replace(begin=data_start + e.begin, end=data_start + e.end)
+                         for key, e in check_safetensors_header(header, size - data_start, path).items()}
 
     def keys(self) -> Iterable[str]:
         return self._entries.keys()
 
     def shape(self, key: str) -> tuple[int, ...]:
-        return self._entries[key][1]
+        return self._entries[key].shape
 
     def load(self, key: str) -> np.ndarray:
         dtype, shape, begin, end = self._entries[key]
@@ -157,7 +295,7 @@ class _SafetensorsFile:
         finally:
             os.close(fd)
         if len(data) != end - begin:
-            raise ConversionError(f"{self.path}: truncated while reading tensor '{key}'")
+            raise ConversionError(f"{self.path}: truncated while reading tensor {_name(key)}")
         return np.frombuffer(data, dtype=dtype).reshape(shape)
 
 
@@ -242,22 +380,80 @@ def find_weights(component_dir: str | os.PathLike) -> TensorSource:
                 return TensorSource([opener(single)])
             index = d / f"{stem}{ext}.index.json"
             if index.is_file():
-                return TensorSource([opener(p) for p in _shards(index)])
+                assigned = _shards(index)
+                files = [opener(p) for p in assigned]
+                for f in files:
+                    _check_shard(index, f, assigned[f.path])
+                return TensorSource(files)
     raise ConversionError(f"{d}: no weights found (looked for {', '.join(s + '.safetensors' for s in _WEIGHT_NAMES)}, "
                           f".bin and sharded .index.json variants)")
 
 
-def _shards(index: Path) -> list[Path]:
+def _shards(index: Path) -> dict[Path, set[str]]:
+    """The shard files a sharded-checkpoint index names, each with the tensors it assigns to that shard.
+
+    A shard must be a plain file name inside the index's own folder, and must stay there once
+    links are followed, so an index can never make the converter read any other file.
+    """
     try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-        names = sorted(set(weight_map.values()))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        raise ConversionError(f"{index}: not a valid sharded-checkpoint index") from None
-    paths = [index.parent / n for n in names]
-    for p in paths:
-        if not p.is_file():
-            raise ConversionError(f"{index}: shard {p.name} is missing")
-    return paths
+        text = index.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise ConversionError(f"{index}: cannot read ({getattr(e, 'strerror', None) or e})") from None
+    data = _strict_json(text, index, "sharded-checkpoint index")
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ConversionError(f"{index}: not a valid sharded-checkpoint index (needs a non-empty object 'weight_map')")
+    assigned: dict[Path, set[str]] = {}
+    for tensor, name in weight_map.items():
+        if not isinstance(name, str):
+            raise ConversionError(f"{index}: weight_map gives tensor {_name(tensor)} the shard {shown(name)}, "
+                                  f"not a file name")
+        assigned.setdefault(_shard_path(index, name), set()).add(tensor)
+    return dict(sorted(assigned.items()))
+
+
+def _shard_path(index: Path, name: str) -> Path:
+    folder = index.parent
+    if name in ("", ".", "..") or any(c in name for c in ("/", "\\", "\0")) or os.path.isabs(name):
+        raise ConversionError(f"{index}: shard {_name(name)} is not a file name inside {folder} "
+                              f"(no folders, '..' or absolute paths)")
+    path = folder / name
+    real = Path(os.path.realpath(path))
+    if not real.is_relative_to(os.path.realpath(folder)) and real.parent != _hub_blobs(folder):
+        raise ConversionError(f"{index}: shard {_name(name)} leads outside {folder} (to {real})")
+    try:
+        is_file = path.is_file()
+    except OSError:
+        is_file = False
+    if not is_file:
+        raise ConversionError(f"{index}: shard {name if name.isprintable() else _name(name)} is missing")
+    return path
+
+
+def _hub_blobs(folder: Path) -> Path | None:
+    """The ``blobs/`` folder of the huggingface_hub cache repo whose snapshot holds ``folder``, if it is one.
+
+    The hub cache keeps a snapshot's files as links into its repo's ``blobs/``, so there a
+    shard that leads to that folder has not left the checkpoint.
+    """
+    real = Path(os.path.realpath(folder))
+    for snapshot in (real, *real.parents):
+        if snapshot.parent.name == "snapshots" and snapshot.parent.parent.name.startswith("models--"):
+            blobs = snapshot.parent.parent / "blobs"
+            return blobs if blobs.is_dir() else None
+    return None
+
+
+def _check_shard(index: Path, shard: Any, listed: set[str]) -> None:
+    """A shard holds exactly the tensors the index assigns to it."""
+    held = set(shard.keys())
+    missing, unlisted = sorted(listed - held), sorted(held - listed)
+    if missing:
+        raise ConversionError(f"{index}: tensor {_name(missing[0])} is assigned to shard {shard.path.name}, "
+                              f"which does not hold it")
+    if unlisted:
+        raise ConversionError(f"{shard.path}: tensor {_name(unlisted[0])} is not assigned to this shard in "
+                              f"{index.name}")
 
 
 # ---------------------------------------------------------------------------
@@ -359,13 +555,15 @@ class ComponentSpec:
     ignored: tuple[str, ...] = ()               # buffers that are not parameters
 
 
-def convert_component(spec: ComponentSpec, component_dir: str | os.PathLike,
-                      dtype: Any = np.float32) -> tuple[Any, dict[str, Any]]:
-    """Read a component folder's config and weights; return ``(config, params)``."""
+def convert_component(spec: ComponentSpec, component_dir: str | os.PathLike, dtype: Any = np.float32,
+                      config: Any = None) -> tuple[Any, dict[str, Any]]:
+    """Read a component folder's config (unless ``config``, already read from it, is given) and weights;
+    return ``(config, params)``."""
     d = Path(component_dir)
     if not d.is_dir():
         raise ConversionError(f"missing component folder {d}")
-    config = spec.read_config(d)
+    if config is None:
+        config = spec.read_config(d)
     params = apply_table(spec.name, spec.table(config), find_weights(d), spec.abstract_params(config),
                          dtype, spec.ignored)
     return config, params
