@@ -3,6 +3,8 @@
 
 from .convert.checkpoint import convert_checkpoint
 from .convert.common import ConversionError
+from .errors import NonFiniteError
+from .memory import InsufficientMemoryError
 from .models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection
 from .models.config import ConfigError
 from .models.safety_checker import SafetyChecker, SafetyCheckerConfig
@@ -27,7 +29,9 @@ __all__ = [
     "GenerationSettings",
     "ImageVariationOutput",
     "ImageVariationPipeline",
+    "InsufficientMemoryError",
     "LMSDiscreteScheduler",
+    "NonFiniteError",
     "PNDMScheduler",
     "Placement",
     "SafetyChecker",

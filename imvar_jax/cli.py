@@ -19,8 +19,16 @@ def _convert(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     src = resolve_source(args.src, args.revision)
     source_name = args.src if str(src) != args.src else None
-    dst = convert_checkpoint(src, args.dst, dtype=args.dtype, source_name=source_name, revision=args.revision,
-                             progress=lambda name: print(f"converting {name}", file=sys.stderr))
+    try:
+        dst = convert_checkpoint(src, args.dst, dtype=args.dtype, source_name=source_name, revision=args.revision,
+                                 progress=lambda name: print(f"converting {name}", file=sys.stderr),
+                                 note=lambda line: print(f"imvar-jax convert: {line}", file=sys.stderr))
+    except OSError as e:
+        # A write that fails mid-conversion (a full disk, DST made by another process meanwhile): one
+        # line naming the file, or for the final rename its target.
+        where = f"{os.fsdecode(e.filename2 or e.filename)}: " if e.filename else ""
+        print(f"imvar-jax convert: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 1
     print(f"wrote {dst} ({args.dtype}) in {time.perf_counter() - start:.1f} s")
     return 0
 
@@ -29,22 +37,28 @@ def _generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from . import hub
-    from .batch import run_generate
+    from .batch import OutputError, printable, run_generate
     from .settings import GenerationSettings, SettingsError
 
     if not args.no_compile_cache:
         hub.enable_compile_cache()
     try:
         settings = GenerationSettings.from_args(args)
-        summary = run_generate(args.inputs, args.out, settings,
-                               report=lambda line: tqdm.write(f"imvar-jax generate: error: {line}", file=sys.stderr))
+        summary = run_generate(args.inputs, args.out, settings, start_over=args.start_over,
+                               report=lambda line: tqdm.write(f"imvar-jax generate: error: {line}", file=sys.stderr),
+                               note=lambda line: tqdm.write(f"imvar-jax generate: {line}", file=sys.stderr))
     except SettingsError as e:
         # Settings that only the loaded model can judge (such as --size) are argument errors too.
         args.subparser.print_usage(sys.stderr)
         print(f"imvar-jax generate: error: {e}", file=sys.stderr)
         return 2
-    except OSError as e:
+    except OutputError as e:
         print(f"imvar-jax generate: error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        # A write that fails mid-run (disk full, folder made read-only): one line, the file named.
+        where = f"{printable(os.fsdecode(e.filename))}: " if e.filename else ""
+        print(f"imvar-jax generate: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
     print(summary.line())
     return 1 if summary.failures else 0
@@ -113,6 +127,10 @@ def _add_generate(sub) -> None:
                           "or glob patterns (** recurses)")
     add_arguments(gen)
     gen.add_argument("--out", default="variations", help="output folder (default ./variations)")
+    gen.add_argument("--start-over", action="store_true",
+                     help="when OUT holds outputs made with other settings, delete imvar-jax's earlier outputs "
+                          "and manifest there first (other files are never touched); without it such a run "
+                          "is refused")
     gen.add_argument("--no-compile-cache", action="store_true",
                      help="do not use JAX's persistent compilation cache")
     gen.set_defaults(func=_generate, subparser=gen)

@@ -17,8 +17,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from .errors import shown
+
 
 AXIS = "devices"
+INDEX_LIMIT = 2**32  # global picture indices are folded into PRNG keys as uint32
 
 
 @dataclass(frozen=True)
@@ -29,10 +32,21 @@ class Placement:
 
     @classmethod
     def of(cls, devices: Sequence[jax.Device] | None = None) -> "Placement":
-        devices = tuple(sorted(devices or jax.local_devices(), key=lambda d: d.id))
+        """The placement over ``devices`` (None: every local device); each must be a distinct ``jax.Device``."""
+        if devices is None:
+            devices = jax.local_devices()
+        try:
+            devices = tuple(devices)
+        except TypeError:
+            raise ValueError(f"devices: expected a sequence of jax devices, got {type(devices).__name__}") from None
         if not devices:
             raise ValueError("devices: expected at least one device")
-        return cls(devices)
+        odd = next((d for d in devices if not isinstance(d, jax.Device)), None)
+        if odd is not None:
+            raise ValueError(f"devices: expected jax devices, got {type(odd).__name__}")
+        if len(set(devices)) != len(devices):
+            raise ValueError("devices: a device is listed more than once")
+        return cls(tuple(sorted(devices, key=lambda d: d.id)))
 
     def __len__(self) -> int:
         return len(self.devices)
@@ -46,12 +60,22 @@ class Placement:
     def mesh(self) -> Mesh:
         return Mesh(np.array(self.devices), (AXIS,))
 
+    @property
+    def batch_sharding(self) -> NamedSharding:
+        """A batch split on its leading axis, one block per device in order."""
+        return NamedSharding(self.mesh, PartitionSpec(AXIS))
+
+    @property
+    def replicated_sharding(self) -> NamedSharding:
+        """A whole copy on every device."""
+        return NamedSharding(self.mesh, PartitionSpec())
+
     def split(self, x: Any) -> jax.Array:
         """A host batch ``[B, ...]`` (B divisible by the device count) as one array split over the devices."""
         x = np.asarray(x)
         if x.shape[0] % len(self):
             raise ValueError(f"batch of {x.shape[0]} does not divide by {len(self)} devices (pad it first)")
-        return jax.device_put(x, NamedSharding(self.mesh, PartitionSpec(AXIS)))
+        return jax.device_put(x, self.batch_sharding)
 
     def program(self, body: Callable[..., Any], params_stacked: bool, batch_args: Sequence[bool],
                 ) -> Callable[..., Any]:
@@ -106,17 +130,26 @@ def picture_plan(n_inputs: int, k: int, first_index: int | Sequence[int] = 0, mu
     ``slots``: pad to exactly this many (a multiple of ``multiple``), e.g. to keep one shape every call.
     """
     count = n_inputs * k
-    if isinstance(first_index, (int, np.integer)):
-        if first_index < 0:
-            raise ValueError(f"first_index: expected a non-negative int, got {first_index!r}")
+    if count < 1:
+        raise ValueError(f"images: expected at least one picture, got {n_inputs} inputs x {k}")
+    if isinstance(first_index, (int, np.integer)) and not isinstance(first_index, (bool, np.bool_)):
+        if not 0 <= first_index < INDEX_LIMIT:
+            raise ValueError(f"first_index: expected an int in 0..{INDEX_LIMIT - 1}, got {shown(first_index)}")
         index = np.arange(count, dtype=np.int64) + int(first_index)
     else:
-        starts = np.asarray(first_index)
+        try:
+            starts = np.asarray(first_index)
+        except (TypeError, ValueError):
+            starts = np.zeros(0, object)
         if (starts.shape != (n_inputs,) or not np.issubdtype(starts.dtype, np.integer)
-                or (starts.size and starts.min() < 0)):
-            raise ValueError(f"first_index: expected an int or {n_inputs} non-negative ints (one per input), "
-                             f"got {first_index!r}")
+                or not ((starts >= 0) & (starts < INDEX_LIMIT)).all()):
+            raise ValueError(f"first_index: expected an int or {n_inputs} ints in 0..{INDEX_LIMIT - 1} "
+                             f"(one per input), got {shown(first_index)}")
         index = (starts.astype(np.int64)[:, None] + np.arange(k)).reshape(-1)  # [N*k]
+    if index.max() >= INDEX_LIMIT:
+        # Indices are folded into the key as uint32: a larger one would repeat another picture's noise.
+        raise ValueError(f"first_index: pictures would be numbered up to {int(index.max())}, past "
+                         f"{INDEX_LIMIT - 1}")
     total = -(-count // multiple) * multiple if slots is None else slots
     if total < count or total % multiple:
         raise ValueError(f"slots: {total} cannot hold {count} pictures in equal parts on {multiple} devices")
@@ -183,18 +216,18 @@ def unshard(x: Any) -> Any:
     return jax.tree.map(lambda a: a.reshape(a.shape[0] * a.shape[1], *a.shape[2:]), x)
 
 
-def as_key(seed: int | jax.Array) -> jax.Array:
-    """An int seed or a PRNG key (typed or raw ``uint32[2]``) -> a typed key."""
+def as_key(seed: int | jax.Array, argument: str = "prng_seed") -> jax.Array:
+    """An int seed or a PRNG key (typed or raw ``uint32[2]``) -> a typed key; errors name ``argument``."""
     if isinstance(seed, (int, np.integer)):
         return jax.random.key(int(seed))
     seed = jax.numpy.asarray(seed)
     if jax.dtypes.issubdtype(seed.dtype, jax.dtypes.prng_key):
         if seed.shape != ():
-            raise ValueError(f"prng_seed: expected one key, got a key array of shape {seed.shape}")
+            raise ValueError(f"{argument}: expected one key, got a key array of shape {seed.shape}")
         return seed
     if seed.shape == (2,) and seed.dtype == jax.numpy.uint32:
         return jax.random.wrap_key_data(seed)
-    raise TypeError(f"prng_seed: expected an int or one PRNG key, got {seed.dtype}{list(seed.shape)}")
+    raise TypeError(f"{argument}: expected an int or one PRNG key, got {seed.dtype}{list(seed.shape)}")
 
 
 def image_keys(seed: int | jax.Array, count: int, start: int = 0) -> jax.Array:

@@ -2,30 +2,36 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import logging
 import os
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import memory
+from .errors import NonFiniteError, shown
 from .hub import DEFAULT_MODEL
 from .loading import load_model
+from .models import abstract_params
 from .models.clip_vision import CLIPVisionModelWithProjection
 from .models.safety_checker import SafetyChecker
 from .models.unet import UNet2DConditionModel
 from .models.vae import AutoencoderKL, sample_latent
-from .parallel import Placement, on_device, picture_keys, picture_plan, replicate, replicated_devices, unreplicate
+from .parallel import (Placement, as_key, on_device, picture_keys, picture_plan, replicate, replicated_devices,
+                       unreplicate)
 from .precision import resolve_dtypes
 from .preprocessing import prepare_inputs, to_pil
 from .sampling import Models, SampleOptions, sample
 from .schedulers import SD_V1_SCHEDULER_CONFIG, make_scheduler
-from .settings import GenerationSettings, SettingsError, check_value, positive_int
+from .settings import (MAX_PICTURES_PER_DEVICE, MAX_SIDE, SEED_LIMIT, GenerationSettings, SettingsError, check_value,
+                       positive_int)
 
 log = logging.getLogger(__name__)
 
@@ -116,6 +122,7 @@ class ImageVariationPipeline:
     scheduler_name: str = "pndm"
     _programs: dict[Any, Any] = field(default_factory=dict, init=False, repr=False, compare=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
+    _compile_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.scheduler = make_scheduler(self.scheduler_name, self.scheduler_config or SD_V1_SCHEDULER_CONFIG)
@@ -304,7 +311,7 @@ class ImageVariationPipeline:
         return np.asarray(flags)[:plan.count]
 
     def _sample_program(self, opts: SampleOptions, placement: Placement, stacked: bool):
-        """One compiled program per static option set and placement; each keeps its own shape cache."""
+        """One jitted program per static option set and placement."""
         models = Models(self.unet, self.vae, self.image_encoder)
 
         def generate(params, pixel_values, key_data, latents, guidance_scale, eta, sched_state, every, warmup,
@@ -316,6 +323,43 @@ class ImageVariationPipeline:
         return self._compiled(("sample", opts, placement, stacked),
                               lambda: placement.program(generate, stacked, batch_args))
 
+    def _sample_executable(self, opts: SampleOptions, placement: Placement, params: dict[str, Any], stacked: bool,
+                           rows: int, steps: int, latent_shape: tuple[int, int, int]) -> Any:
+        """The compiled sampling program for ``rows`` inputs per call, compiled once per shape.
+
+        It is compiled from abstract arguments, so its memory can be checked before anything of
+        the call's size is allocated; the same executable then runs the call.
+        """
+        params_key = _signature(params)
+        key = ("sample-exe", opts, placement, stacked, rows, steps, params_key)
+        with self._lock:
+            found = self._programs.get(key)
+        if found is not None:
+            return found
+        with self._compile_lock:  # two threads asking for one new shape compile it once
+            return self._programs.get(key) or self._compile_sample(key, opts, placement, params, stacked, rows,
+                                                                   steps, latent_shape)
+
+    def _compile_sample(self, key: Any, opts: SampleOptions, placement: Placement, params: dict[str, Any],
+                        stacked: bool, rows: int, steps: int, latent_shape: tuple[int, int, int]) -> Any:
+        per_device = rows * opts.num_images_per_prompt // len(placement)
+        c, h, w = latent_shape
+        split, whole = placement.batch_sharding, placement.replicated_sharding
+        s = self.image_encoder.config.image_size
+        n_out = rows * opts.num_images_per_prompt
+        state = jax.eval_shape(lambda: self.scheduler.set_timesteps(steps, (per_device, h, w, c)))
+        scalar = {dtype: jax.ShapeDtypeStruct((), dtype, sharding=whole) for dtype in (jnp.float32, jnp.int32)}
+        args = (params, jax.ShapeDtypeStruct((rows, 3, s, s), jnp.float32, sharding=split),
+                jax.ShapeDtypeStruct((n_out, 2), jnp.uint32, sharding=split),
+                jax.ShapeDtypeStruct((n_out, c, h, w), jnp.float32, sharding=split) if opts.latents_given else None,
+                scalar[jnp.float32], scalar[jnp.float32],
+                jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=whole), state),
+                scalar[jnp.int32], scalar[jnp.int32], scalar[jnp.int32])
+        compiled = self._sample_program(opts, placement, stacked).lower(*args).compile()
+        with self._lock:
+            self._programs[key] = compiled
+        return compiled
+
     def size(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
         """``(height, width)`` of the output pictures: the model's default where None; checked against the VAE."""
         f = self.vae_scale_factor
@@ -325,7 +369,10 @@ class ImageVariationPipeline:
         width = default * f if width is None else width
         for name, v in (("height", height), ("width", width)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0 or v % f:
-                raise SettingsError(f"{name}: {v!r} is not a positive multiple of {f} (the VAE's downsampling factor)")
+                raise SettingsError(f"{name}: {shown(v)} is not a positive multiple of {f} "
+                                    f"(the VAE's downsampling factor)")
+            if v > MAX_SIDE:
+                raise SettingsError(f"{name}: expected at most {MAX_SIDE} pixels, got {shown(v)}")
         return int(height), int(width)
 
     def resolve(self, settings: GenerationSettings, revision: str | None) -> GenerationSettings:
@@ -338,44 +385,155 @@ class ImageVariationPipeline:
         return settings.replace(dtype=jnp.dtype(self.dtype).name, vae_dtype=jnp.dtype(self.vae.dtype).name,
                                 size=(height, width), revision=revision)
 
-    def _run(self, placement: Placement, params: dict[str, Any], stacked: bool, k: int, pixel_values: Any,
-             indices: np.ndarray, latents: Any, seed: int | jax.Array, steps: int, guidance: float, eta: float,
-             size: tuple[int, int], callback: Callable[..., None] | None, callback_steps: int,
-             ) -> tuple[np.ndarray, np.ndarray | None]:
-        """The sampling program on ``placement``: ``pixel_values`` ``[B, 3, S, S]`` (B a multiple of the device
-        count), ``k`` pictures each, picture p's noise from ``indices[p]``; then the safety check there."""
+    # ------------------------------------------------------------------
+    # Argument checks: API misuse is a ValueError naming the argument
+    # ------------------------------------------------------------------
+
+    def _components(self) -> tuple[str, ...]:
+        return ("unet", "vae", "image_encoder") + (() if self.safety_checker is None else ("safety_checker",))
+
+    def _expected_params(self, name: str) -> dict[str, Any]:
+        """Component ``name``'s params tree as shapes (traced once per pipeline, nothing allocated)."""
+        module = {"unet": self.unet, "vae": self.vae, "image_encoder": self.image_encoder,
+                  "safety_checker": self.safety_checker}[name]
+        shapes = self._compiled(("abstract", name), lambda: abstract_params(module.config))
+        return {jax.tree_util.keystr(path): leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(shapes)}
+
+    def _check_params(self, params: Any, copies: int | None) -> None:
+        """``params`` checked against the modules' own trees; ``copies`` is the leading axis of ``replicate``d
+        params (None for plain ones). A tree that passed is not walked again."""
+        names = self._components()
+        if not isinstance(params, Mapping):
+            raise ValueError(f"params: expected a dict with {', '.join(map(repr, names))}, got {shown(params)}")
+        missing = [n for n in names if n not in params]
+        if missing:
+            raise ValueError(f"params: missing {', '.join(map(repr, missing))} "
+                             f"(expected {', '.join(map(repr, names))})")
+        signature = (copies, _signature({n: params[n] for n in names}))
+        if ("params-ok", signature) in self._programs:
+            return
+        lead = () if copies is None else (copies,)
+        for name in names:
+            expected = self._expected_params(name)
+            try:
+                got = {jax.tree_util.keystr(path): leaf for path, leaf in
+                       jax.tree_util.tree_leaves_with_path(params[name])}
+            except Exception:
+                raise ValueError(f"params[{name!r}]: expected a nested dict of arrays") from None
+            absent = sorted(expected.keys() - got.keys())
+            extra = sorted(got.keys() - expected.keys())
+            if absent or extra:
+                what = f"missing {absent[0]}" if absent else f"unexpected {extra[0]}"
+                more = len(absent) + len(extra) - 1
+                raise ValueError(f"params[{name!r}]: {what}{f' and {more} more differences' if more else ''} "
+                                 f"(not params of this pipeline's {name})")
+            for where, shape in expected.items():
+                leaf = got[where]
+                leaf_shape = getattr(leaf, "shape", None)
+                dtype = getattr(leaf, "dtype", None)
+                if leaf_shape is None or dtype is None or not jnp.issubdtype(dtype, jnp.floating):
+                    raise ValueError(f"params[{name!r}]{where}: expected a float array, got {shown(leaf)}")
+                if tuple(leaf_shape) != (*lead, *shape):
+                    raise ValueError(f"params[{name!r}]{where}: expected shape {(*lead, *shape)}, "
+                                     f"got {tuple(leaf_shape)}")
+        with self._lock:
+            self._programs[("params-ok", signature)] = True
+
+    def _check_call(self, k: Any, steps: Any, guidance: Any, eta: Any, callback: Any, callback_steps: Any,
+                    output_type: Any, height: Any, width: Any, seed: Any, seed_name: str,
+                    ) -> tuple[int, int, float, float, int, tuple[int, int], int | jax.Array]:
+        """The call arguments through the settings' own checks, errors named as the arguments are."""
+        if output_type not in ("np", "pil"):
+            raise ValueError(f"output_type: expected 'np' or 'pil', got {shown(output_type)}")
+        if callback is not None and not callable(callback):
+            raise ValueError(f"callback: expected a callable (step, timestep, latents), got {shown(callback)}")
+        return (check_value("num_images_per_prompt", k), check_value("steps", steps, "num_inference_steps"),
+                check_value("guidance", guidance, "guidance_scale"), check_value("eta", eta),
+                positive_int("callback_steps", callback_steps), self.size(height, width), _check_seed(seed, seed_name))
+
+    def _check_latents(self, latents: Any, want_shape: tuple[int, ...], what: str) -> np.ndarray:
+        try:
+            latents = np.asarray(latents, np.float32)
+        except (TypeError, ValueError):
+            raise ValueError(f"latents: expected a float array of shape {want_shape} {what}") from None
+        if tuple(latents.shape) != want_shape:
+            raise ValueError(f"latents: expected shape {want_shape} {what}, got {tuple(latents.shape)}")
+        if not np.isfinite(latents).all():
+            raise ValueError("latents: contain NaN or infinity")
+        return latents
+
+    # ------------------------------------------------------------------
+    # Sampling
+    # ------------------------------------------------------------------
+
+    def _run(self, placement: Placement, params: dict[str, Any], stacked: bool, k: int, pixel_values: np.ndarray,
+             rows: np.ndarray, indices: np.ndarray, latents: np.ndarray | None, seed: int | jax.Array, steps: int,
+             guidance: float, eta: float, size: tuple[int, int], callback: Callable[..., None] | None,
+             callback_steps: int, setting: str) -> tuple[np.ndarray, np.ndarray | None, list[str | None]]:
+        """The sampling program on ``placement`` for inputs ``pixel_values[rows]`` (``rows`` a multiple of the device
+        count long), ``k`` pictures each, picture p's noise from ``indices[p]``; then the safety check there.
+
+        Returns the pictures, the safety flags and, per picture, where it went non-finite (None if it did not);
+        such pictures come back black. The program's memory is checked first: ``InsufficientMemoryError``
+        names ``setting`` when the call asks for more pictures per device than fit.
+        """
         height, width = size
         f = self.vae_scale_factor
         latent_shape = (self.unet.config.in_channels, height // f, width // f)
-        n_out = pixel_values.shape[0] * k
+        n_out = len(rows) * k
         per_device = n_out // len(placement)
+        if per_device > MAX_PICTURES_PER_DEVICE:
+            raise SettingsError(f"{setting}: {per_device} pictures per device in one call, more than "
+                                f"{MAX_PICTURES_PER_DEVICE}")
         opts = SampleOptions(num_images_per_prompt=k, latent_size=latent_shape[1:], do_cfg=guidance > 1.0,
                              latents_given=latents is not None, with_callback=callback is not None,
                              scheduler=self.scheduler)
+        models = {n: params[n] for n in ("unet", "vae", "image_encoder")}
+        executable = self._sample_executable(opts, placement, models, stacked, len(rows), steps, latent_shape)
+        resident = _bytes_per_device(models, len(placement) if stacked else 1)
+
+        def one_picture() -> int | None:
+            # Memory at one picture per device: the second point that says how many fit.
+            single = dataclasses.replace(opts, num_images_per_prompt=1)
+            probe = self._sample_executable(single, placement, models, stacked, len(placement), steps, latent_shape)
+            return memory.needed_bytes(probe, resident)
+
+        memory.check_fits(memory.needed_bytes(executable, resident), per_device, size, placement.devices, setting,
+                          one_picture)
+
         sched_state = self.scheduler.set_timesteps(steps, (per_device, *latent_shape[1:], latent_shape[0]))
         warmup = sched_state.timesteps.shape[0] - steps
         key_data = np.asarray(jax.random.key_data(picture_keys(seed, indices)))  # [B*k, 2]
-        program = self._sample_program(opts, placement, stacked)
+        whole = placement.replicated_sharding
         with _CALLBACKS.active(callback) as call_id:
-            images = program(params, placement.split(pixel_values), placement.split(key_data),
-                             None if latents is None else placement.split(latents), jnp.float32(guidance),
-                             jnp.float32(eta), sched_state, jnp.int32(callback_steps), jnp.int32(warmup),
-                             jnp.int32(call_id))
-            images = np.array(images)  # [B*k, H, W, 3], writable: flagged ones are blacked out
+            scalars = jax.device_put((jnp.float32(guidance), jnp.float32(eta), sched_state, jnp.int32(callback_steps),
+                                      jnp.int32(warmup), jnp.int32(call_id)), whole)
+            out = executable(models, placement.split(pixel_values[rows]), placement.split(key_data),
+                             None if latents is None else placement.split(latents), *scalars)
+            images = np.array(out.images)  # [B*k, H, W, 3], writable: flagged ones are blacked out
+            step = np.asarray(out.nonfinite_step)
+            decoded = np.asarray(out.decoded_finite)
+        timesteps = np.asarray(sched_state.timesteps)
+        where = [None if first < 0 and ok else f"step {first} (timestep {timesteps[first]})" if first >= 0
+                 else "decoding" for first, ok in zip(step.tolist(), decoded.tolist())]
+        bad = np.array([w is not None for w in where], bool)
+        images[bad] = 0.0
         flags = None
-        if self.safety_checker is not None and "safety_checker" in params:
+        if self.safety_checker is not None:
             flags = self._check_safety(placement, params, stacked, self._safety_inputs(images))
             images[flags] = 0.0
-        return images, flags
+        return images, flags, where
 
-    def _check_call(self, k: Any, steps: Any, guidance: Any, eta: Any, callback_steps: Any, output_type: Any,
-                    height: Any, width: Any) -> tuple[int, int, float, float, int, tuple[int, int]]:
-        """The call arguments through the settings' own checks, errors named as the arguments are."""
-        if output_type not in ("np", "pil"):
-            raise ValueError(f"output_type: expected 'np' or 'pil', got {output_type!r}")
-        return (check_value("num_images_per_prompt", k), check_value("steps", steps, "num_inference_steps"),
-                check_value("guidance", guidance, "guidance_scale"), check_value("eta", eta),
-                positive_int("callback_steps", callback_steps), self.size(height, width))
+    @staticmethod
+    def _output(images: np.ndarray, flags: np.ndarray | None, where: list[str | None], indices: np.ndarray,
+                output_type: str) -> ImageVariationOutput:
+        """The call's output; ``NonFiniteError`` carrying it when any picture went non-finite."""
+        output = ImageVariationOutput(images=to_pil(images) if output_type == "pil" else images,
+                                      nsfw_content_detected=None if flags is None else [bool(x) for x in flags])
+        bad = {int(indices[p]): w for p, w in enumerate(where) if w is not None}
+        if bad:
+            raise NonFiniteError(_nonfinite_message(bad), pictures=bad, output=output)
+        return output
 
     def __call__(self, pixel_values: Any, params: dict[str, Any], prng_seed: int | jax.Array,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, num_images_per_prompt: int = 1,
@@ -388,7 +546,8 @@ class ImageVariationPipeline:
         ``jit=False``: ``pixel_values`` ``[N, 3, S, S]``, plain ``params`` on one device.
         ``jit=True``: ``pixel_values`` from ``shard`` (``[D, N/D, 3, S, S]``), ``params`` from
         ``replicate``; device d runs its N/D inputs. Picture ``i*k + j`` is variation j of input
-        i and its noise comes from ``fold_in(prng_seed, i*k + j)`` in both modes. ``latents``
+        i and its noise comes from ``fold_in(prng_seed, i*k + j)`` in both modes; ``prng_seed``
+        is an int in 0..2**32-1 or a PRNG key. ``latents``
         (``[N*k, C, h, w]``, sharded likewise with ``jit=True``) replace the drawn starting noise.
         ``callback(step, timestep, latents)`` is called from inside the compiled loop (once per
         device with that device's latents when ``jit=True``). ``first_index`` shifts the global
@@ -396,48 +555,60 @@ class ImageVariationPipeline:
         call's pictures from there on; one int per input (input-major, as flattened by ``shard``)
         gives each input's first picture, its variation j being that index + j.
 
+        Raises ``InsufficientMemoryError`` (a ``SettingsError``) before sampling when the call
+        does not fit the devices' free memory, and ``NonFiniteError`` when a picture went NaN or
+        inf (its ``output`` holds every picture, the bad ones black; ``pictures`` says where).
+
         ``generate`` is the simpler door: it prepares pictures, spreads the N*k pictures (not the
         N inputs) over the devices and pads them itself.
         """
-        k, steps, guidance, eta, callback_steps, size = self._check_call(
-            num_images_per_prompt, num_inference_steps, guidance_scale, eta, callback_steps, output_type, height, width)
+        k, steps, guidance, eta, callback_steps, size, prng_seed = self._check_call(
+            num_images_per_prompt, num_inference_steps, guidance_scale, eta, callback, callback_steps, output_type,
+            height, width, prng_seed, "prng_seed")
         f = self.vae_scale_factor
         lead = 2 if jit else 1
         s = self.image_encoder.config.image_size
-        pixel_values = np.asarray(pixel_values, np.float32)
+        want = "[D, N/D, 3, S, S] from shard()" if jit else "[N, 3, S, S]"
+        try:
+            pixel_values = np.asarray(pixel_values, np.float32)
+        except (TypeError, ValueError):
+            raise ValueError(f"pixel_values: expected a float array {want} with S={s}") from None
         if pixel_values.ndim != lead + 3 or pixel_values.shape[lead:] != (3, s, s):
-            want = "[D, N/D, 3, S, S] from shard()" if jit else "[N, 3, S, S]"
             raise ValueError(f"pixel_values: expected {want} with S={s}, got shape {tuple(pixel_values.shape)}")
         batch = pixel_values.shape[:lead]  # (N,) or (D, N/D)
         n_in = int(np.prod(batch))
+        if n_in == 0:
+            raise ValueError(f"pixel_values: expected at least one picture, got shape {tuple(pixel_values.shape)}")
+        if not np.isfinite(pixel_values).all():
+            raise ValueError("pixel_values: contain NaN or infinity")
         latent_shape = (self.unet.config.in_channels, size[0] // f, size[1] // f)
         if latents is not None:
-            latents = np.asarray(latents, np.float32)
-            want_shape = (*batch[:-1], batch[-1] * k, *latent_shape)
-            if tuple(latents.shape) != want_shape:
-                raise ValueError(f"latents: expected shape {want_shape} (N*k, C, H/{f}, W/{f}), "
-                                 f"got {tuple(latents.shape)}")
+            latents = self._check_latents(latents, (*batch[:-1], batch[-1] * k, *latent_shape),
+                                          f"(N*k, C, H/{f}, W/{f})")
             latents = latents.reshape(n_in * k, *latent_shape)  # [N*k, C, h, w]
         if jit:
-            devices = replicated_devices(params)
+            devices = replicated_devices(params) if isinstance(params, Mapping) else None
             if devices is None:
                 raise ValueError("params: jit=True expects params from imvar_jax.replicate(params)")
             if batch[0] != len(devices):
                 raise ValueError(f"pixel_values: sharded over {batch[0]} devices but params are replicated "
                                  f"on {len(devices)}")
+            self._check_params(params, len(devices))
             placement, stacked = Placement.of(devices), True
         else:
-            if replicated_devices(params) is not None:
+            if isinstance(params, Mapping) and replicated_devices(params) is not None:
                 raise ValueError("params: jit=False expects plain params; pass jit=True for replicated ones")
+            self._check_params(params, None)
             leaves = jax.tree.leaves(params)
             device = next(iter(leaves[0].sharding.device_set)) if leaves and isinstance(leaves[0], jax.Array) \
                 else jax.local_devices()[0]
             placement, stacked = Placement.of([device]), False
         plan = picture_plan(n_in, k, first_index)
-        images, flags = self._run(placement, params, stacked, k, pixel_values.reshape(n_in, 3, s, s), plan.index,
-                                  latents, prng_seed, steps, guidance, eta, size, callback, callback_steps)
-        return ImageVariationOutput(images=to_pil(images) if output_type == "pil" else images,
-                                    nsfw_content_detected=None if flags is None else [bool(x) for x in flags])
+        images, flags, where = self._run(
+            placement, params, stacked, k, pixel_values.reshape(n_in, 3, s, s), np.arange(n_in), plan.index, latents,
+            prng_seed, steps, guidance, eta, size, callback, callback_steps,
+            "num_images_per_prompt" if k > 1 else "pixel_values")
+        return self._output(images, flags, where, plan.index, output_type)
 
     def _safety_inputs(self, images: np.ndarray) -> np.ndarray:
         """The safety checker sees what diffusers gives it: 8-bit pictures through the CLIP processor."""
@@ -458,26 +629,82 @@ class ImageVariationPipeline:
         as they are, on their devices unless ``devices`` says otherwise), or plain: on one device
         that already holds them they are used in place, otherwise replicated for this call, so
         replicate once yourself when calling repeatedly. ``devices`` defaults to the replicated
-        params' devices, else every local device. The other arguments mean what they mean in
-        ``__call__``; pictures equal a ``jit=False`` call with the same seed.
+        params' devices, else every local device. ``seed`` is an int in 0..2**32-1 or a PRNG key.
+        The other arguments mean what they mean in ``__call__``; pictures equal a ``jit=False``
+        call with the same seed, and the errors are the same (``InsufficientMemoryError`` before
+        sampling, ``NonFiniteError`` with the whole output after).
         The N*k pictures, not the N inputs, are what is split over the devices (each picture
         keeps its index i*k + j, so its noise), so one input with 8 variations fills 8 devices
         instead of padding every device to 8 pictures. ``slots`` pads every call to that many
         pictures (a multiple of the device count), so calls with fewer inputs reuse one program.
         """
-        k, steps, guidance, eta, callback_steps, size = self._check_call(
-            num_images_per_prompt, num_inference_steps, guidance_scale, eta, callback_steps, output_type, height, width)
+        k, steps, guidance, eta, callback_steps, size, seed = self._check_call(
+            num_images_per_prompt, num_inference_steps, guidance_scale, eta, callback, callback_steps, output_type,
+            height, width, seed, "seed")
+        if slots is not None:
+            slots = positive_int("slots", slots)
+        if devices is not None:
+            devices = Placement.of(devices).devices  # an empty or odd list is refused here, by name
+        on = replicated_devices(params) if isinstance(params, Mapping) else None
+        self._check_params(params, None if on is None else len(on))
         placement, params, stacked = self._placed(params, devices)
+        if slots is not None and slots > MAX_PICTURES_PER_DEVICE * len(placement):
+            raise SettingsError(f"slots: {slots} is more than {MAX_PICTURES_PER_DEVICE} pictures per device on "
+                                f"{len(placement)} devices")
         pixel_values = self.prepare_inputs(images, preprocessing)
         n = pixel_values.shape[0]
         plan = picture_plan(n, k, first_index, multiple=len(placement), slots=slots)
         if latents is not None:
-            latents = np.asarray(latents, np.float32)
-            if latents.shape[0] != n * k:
-                raise ValueError(f"latents: expected {n * k} (inputs x num_images_per_prompt), got {latents.shape[0]}")
-            latents = latents[plan.source]
-        images, flags = self._run(placement, params, stacked, 1, pixel_values[plan.inputs], plan.index, latents,
-                                  seed, steps, guidance, eta, size, callback, callback_steps)
-        images = images[:plan.count]
-        return ImageVariationOutput(images=to_pil(images) if output_type == "pil" else images,
-                                    nsfw_content_detected=None if flags is None else [bool(x) for x in flags[:plan.count]])
+            f = self.vae_scale_factor
+            latents = self._check_latents(
+                latents, (n * k, self.unet.config.in_channels, size[0] // f, size[1] // f),
+                f"(inputs x num_images_per_prompt, C, H/{f}, W/{f})")[plan.source]
+        setting = "slots" if slots is not None else "num_images_per_prompt" if k > 1 else "images"
+        images, flags, where = self._run(placement, params, stacked, 1, pixel_values, plan.inputs, plan.index, latents,
+                                         seed, steps, guidance, eta, size, callback, callback_steps, setting)
+        count = plan.count
+        return self._output(images[:count], None if flags is None else flags[:count], where[:count],
+                            plan.index[:count], output_type)
+
+
+def _check_seed(seed: Any, name: str) -> int | jax.Array:
+    """An int seed in the settings' range (the CLI's check), or a PRNG key as ``as_key`` takes it."""
+    if isinstance(seed, (jax.Array, np.ndarray)) and (_is_key(seed) or seed.dtype == np.uint32 and seed.shape == (2,)):
+        as_key(seed, name)
+        return seed
+    try:
+        return check_value("seed", seed, name)
+    except SettingsError:
+        raise SettingsError(f"{name}: expected an integer in 0..{SEED_LIMIT - 1} or a PRNG key, "
+                            f"got {shown(seed)}") from None
+
+
+def _is_key(x: Any) -> bool:
+    dtype = getattr(x, "dtype", None)
+    return dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+
+
+def _signature(tree: Any) -> tuple[Any, ...]:
+    """What a compiled program depends on in ``tree``: its structure and each leaf's shape, dtype and placement."""
+    leaves, treedef = jax.tree.flatten(tree)
+    return treedef, tuple((getattr(x, "shape", None), str(getattr(x, "dtype", type(x))), getattr(x, "sharding", None))
+                          for x in leaves)
+
+
+def _bytes_per_device(tree: Any, copies: int) -> int:
+    """Bytes of ``tree``'s device arrays on each of ``copies`` devices (``replicate``d trees hold one copy per
+    device); host arrays are not resident, the call transfers them."""
+    return sum(x.nbytes for x in jax.tree.leaves(tree) if isinstance(x, jax.Array)) // copies
+
+
+def _nonfinite_message(bad: dict[int, str]) -> str:
+    """One line: which pictures went NaN or inf and where, grouped by where."""
+    by_place: dict[str, list[int]] = {}
+    for index, where in sorted(bad.items()):
+        by_place.setdefault(where, []).append(index)
+    parts = []
+    for where, indices in by_place.items():
+        listed = ", ".join(map(str, indices[:8])) + (f" and {len(indices) - 8} more" if len(indices) > 8 else "")
+        parts.append(f"{'picture' if len(indices) == 1 else 'pictures'} {listed} at {where}")
+    return (f"sampling produced non-finite values (NaN or inf): {'; '.join(parts)}; a numerical overflow in the "
+            f"model, not a fault of the input pictures (a float32 dtype or a smaller guidance_scale may help)")

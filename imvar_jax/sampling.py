@@ -4,12 +4,15 @@ Everything here is traceable and device-local: the pipeline runs it on each devi
 ``parallel.Placement`` (``shard_map`` over a mesh, under ``jit``). Static choices (images per input, guidance on/off, whether
 latents are given) pick the program; ``guidance_scale``, ``eta``, the scheduler state
 (timesteps included) and ``callback_steps`` are traced values.
+
+The program also reports where each picture first went non-finite (NaN or inf), so a numerical
+failure is named by step and picture instead of surfacing later as a broken PNG.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -40,6 +43,14 @@ class SampleOptions:
     scheduler: Any  # a schedulers.* object (frozen, hashable)
 
 
+class Sampled(NamedTuple):
+    """What a sampling program returns, one entry per picture."""
+
+    images: jax.Array  # [N*k, H, W, 3] float32 in [0, 1]
+    nonfinite_step: jax.Array  # [N*k] int32: the first loop step whose latents were NaN or inf, -1 if none
+    decoded_finite: jax.Array  # [N*k] bool: whether the VAE's output was finite before clipping
+
+
 def latent_noise(key: jax.Array, channels: int, size: tuple[int, int], stream: int | jax.Array) -> jax.Array:
     """Standard normal noise ``[h, w, C]`` for one picture, stream 0 being its starting latents.
 
@@ -52,8 +63,8 @@ def latent_noise(key: jax.Array, channels: int, size: tuple[int, int], stream: i
 def sample(models: Models, opts: SampleOptions, params: dict[str, Any], pixel_values: jax.Array,
            keys: jax.Array, latents: jax.Array | None, guidance_scale: jax.Array, eta: jax.Array,
            sched_state: Any, callback_steps: jax.Array, callback_warmup: jax.Array,
-           host_callback: Callable[..., None] | None = None, callback_id: jax.Array | int = 0) -> jax.Array:
-    """Generate ``N * k`` pictures ``[N*k, H, W, 3]`` float32 in [0, 1].
+           host_callback: Callable[..., None] | None = None, callback_id: jax.Array | int = 0) -> Sampled:
+    """Generate ``N * k`` pictures ``[N*k, H, W, 3]`` float32 in [0, 1], with their finiteness (``Sampled``).
 
     pixel_values: ``[N, 3, S, S]`` CLIP-normalised inputs; keys: ``[N*k]`` PRNG keys, one per
     output picture, in output order (input-major); latents: ``[N*k, C, h, w]`` or None.
@@ -83,7 +94,7 @@ def sample(models: Models, opts: SampleOptions, params: dict[str, Any], pixel_va
     x = x * sched_state.init_noise_sigma
 
     def body(i: jax.Array, carry):
-        x, state = carry
+        x, state, nonfinite_step = carry
         t = state.timesteps[i]
         inp = scheduler.scale_model_input(state, x, i)
         if opts.do_cfg:
@@ -96,21 +107,29 @@ def sample(models: Models, opts: SampleOptions, params: dict[str, Any], pixel_va
         noise = (jax.vmap(lambda key: latent_noise(key, channels, x.shape[1:3], i + 1))(keys)
                  if scheduler.kind == "ddim" else None)
         x, state = scheduler.step(state, eps, i, x, eta=eta, variance_noise=noise)
+        # Once non-finite, a picture stays so: only the first step says where it went wrong.
+        finite = jnp.all(jnp.isfinite(x), axis=(1, 2, 3))
+        nonfinite_step = jnp.where((nonfinite_step < 0) & ~finite, i, nonfinite_step)
         if opts.with_callback:
             last = i == state.timesteps.shape[0] - 1
             jax.lax.cond(((i + 1 > callback_warmup) | last) & (i % callback_steps == 0),
                          lambda: jax.debug.callback(host_callback, callback_id, i, t, jnp.transpose(x, (0, 3, 1, 2))),
                          lambda: None)
-        return x, state
+        return x, state, nonfinite_step
 
-    x, _ = jax.lax.fori_loop(0, sched_state.timesteps.shape[0], body, (x, sched_state))
+    nonfinite_step = jnp.full((x.shape[0],), -1, jnp.int32)
+    x, _, nonfinite_step = jax.lax.fori_loop(0, sched_state.timesteps.shape[0], body,
+                                             (x, sched_state, nonfinite_step))
 
     z = (x / vae.config.scaling_factor).astype(vae.dtype)
 
-    def decode(one: jax.Array) -> jax.Array:
+    def decode(one: jax.Array) -> tuple[jax.Array, jax.Array]:
         image = vae.apply({"params": params["vae"]}, one[None], method=AutoencoderKL.decode)[0]  # [H, W, 3]
-        return jnp.clip(image.astype(jnp.float32) / 2 + 0.5, 0.0, 1.0)
+        image = image.astype(jnp.float32)
+        # Checked before clipping, which would turn inf into a plausible-looking 0 or 1.
+        return jnp.clip(image / 2 + 0.5, 0.0, 1.0), jnp.all(jnp.isfinite(image))
 
     # One picture at a time: the decoder's full-resolution activations (128 channels at 512x512)
     # would otherwise grow with the batch and set the largest batch a device can hold.
-    return jax.lax.map(decode, z)  # [N*k, H, W, 3]
+    images, decoded_finite = jax.lax.map(decode, z)  # [N*k, H, W, 3], [N*k]
+    return Sampled(images, nonfinite_step, decoded_finite)

@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from .errors import shown
 from .hub import DEFAULT_MODEL, DEFAULT_REVISION, TINY_MODEL
 from .models.layers import ATTENTION_IMPLS
 from .precision import DTYPES
@@ -23,6 +24,14 @@ from .preprocessing import PREPROCESSINGS
 from .schedulers import SCHEDULERS
 
 SEED_LIMIT = 2**32  # seeds are folded into uint32 PRNG keys
+
+# Caps that refuse absurd values before anything is planned or allocated. Each is well past what
+# a device of today runs in one call (48 pictures of 512x512 fit a 16 GiB device; 8192 pixels a
+# side is 16 times SD's native area), so they only stop typos and hostile input: what a given
+# machine can really run is checked against its memory when the program is compiled.
+MAX_SIDE = 8192  # pixels, height and width each
+MAX_PICTURES_PER_DEVICE = 4096  # per call: batch_size x num_images_per_prompt
+MAX_STEPS = 1000  # SD's scheduler has 1000 training timesteps; more steps than that repeat them
 
 
 class SettingsError(ValueError):
@@ -35,8 +44,18 @@ class SettingsError(ValueError):
 
 def positive_int(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) and not _is_np_int(value) or value < 1:
-        raise SettingsError(f"{name}: expected a positive integer, got {value!r}")
+        raise SettingsError(f"{name}: expected a positive integer, got {shown(value)}")
     return int(value)
+
+
+def _int_up_to(limit: int) -> Callable[[str, Any], int]:
+    def check(name: str, value: Any) -> int:
+        value = positive_int(name, value)
+        if value > limit:
+            raise SettingsError(f"{name}: expected at most {limit}, got {shown(value)}")
+        return value
+
+    return check
 
 
 def _is_np_int(value: Any) -> bool:
@@ -45,30 +64,39 @@ def _is_np_int(value: Any) -> bool:
 
 def _seed(name: str, value: Any) -> int:
     if isinstance(value, bool) or not (isinstance(value, int) or _is_np_int(value)) or not 0 <= value < SEED_LIMIT:
-        raise SettingsError(f"{name}: expected an integer in 0..{SEED_LIMIT - 1}, got {value!r}")
+        raise SettingsError(f"{name}: expected an integer in 0..{SEED_LIMIT - 1}, got {shown(value)}")
     return int(value)
 
 
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
+
+
 def _number(name: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) and not hasattr(value, "__float__"):
-        raise SettingsError(f"{name}: expected a number, got {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise SettingsError(f"{name}: expected a finite number, got {value!r}")
+    if isinstance(value, (bool, np.bool_, str, bytes)) or not hasattr(value, "__float__"):
+        raise SettingsError(f"{name}: expected a number, got {shown(value)}")
+    try:
+        value = float(value)
+    except OverflowError:  # an int too large for a float
+        raise SettingsError(f"{name}: expected a finite number, got {shown(value)}") from None
+    except (TypeError, ValueError):  # an array of several values, a complex number
+        raise SettingsError(f"{name}: expected a number, got {shown(value)}") from None
+    # The programs compute in float32: a float64 value beyond its range would enter them as inf.
+    if not math.isfinite(value) or abs(value) > _FLOAT32_MAX:
+        raise SettingsError(f"{name}: expected a finite number, got {shown(value)}")
     return value
 
 
-def _non_negative(name: str, value: Any) -> float:
+def _unit_interval(name: str, value: Any) -> float:
     value = _number(name, value)
-    if value < 0:
-        raise SettingsError(f"{name}: expected a finite number >= 0, got {value!r}")
+    if not 0.0 <= value <= 1.0:
+        raise SettingsError(f"{name}: expected a number in [0, 1], got {shown(value)}")
     return value
 
 
 def _choice(choices: tuple[str, ...]) -> Callable[[str, Any], str]:
     def check(name: str, value: Any) -> str:
-        if value not in choices:
-            raise SettingsError(f"{name}: unknown {value!r} (choose one of {', '.join(choices)})")
+        if not isinstance(value, str) or value not in choices:
+            raise SettingsError(f"{name}: unknown {shown(value)} (choose one of {', '.join(choices)})")
         return value
 
     return check
@@ -80,21 +108,24 @@ def _optional(check: Callable[[str, Any], Any]) -> Callable[[str, Any], Any]:
 
 def _text(name: str, value: Any) -> str:
     if not isinstance(value, str) or not value:
-        raise SettingsError(f"{name}: expected a non-empty string, got {value!r}")
+        raise SettingsError(f"{name}: expected a non-empty string, got {shown(value)}")
     return value
 
 
 def _flag(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
-        raise SettingsError(f"{name}: expected true or false, got {value!r}")
+        raise SettingsError(f"{name}: expected true or false, got {shown(value)}")
     return value
 
 
 def _size(name: str, value: Any) -> tuple[int, int]:
     if (not isinstance(value, (tuple, list)) or len(value) != 2
             or any(isinstance(v, bool) or not (isinstance(v, int) or _is_np_int(v)) or v < 1 for v in value)):
-        raise SettingsError(f"{name}: expected (height, width) as positive integers, got {value!r}")
-    return int(value[0]), int(value[1])
+        raise SettingsError(f"{name}: expected (height, width) as positive integers, got {shown(value)}")
+    height, width = int(value[0]), int(value[1])
+    if max(height, width) > MAX_SIDE:
+        raise SettingsError(f"{name}: expected at most {MAX_SIDE} pixels a side, got {shown(height)}x{shown(width)}")
+    return height, width
 
 
 # ----------------------------------------------------------------------
@@ -107,11 +138,11 @@ def _size_from_text(text: str) -> tuple[int, int]:
     try:
         values = [int(p) for p in parts]
     except ValueError:
-        raise SettingsError(f"expected HEIGHTxWIDTH in pixels (e.g. 512x512), got {text!r}") from None
+        raise SettingsError(f"expected HEIGHTxWIDTH in pixels (e.g. 512x512), got {shown(text)}") from None
     if len(values) == 1:
         values *= 2
     if len(values) != 2:
-        raise SettingsError(f"expected HEIGHTxWIDTH in pixels (e.g. 512x512), got {text!r}")
+        raise SettingsError(f"expected HEIGHTxWIDTH in pixels (e.g. 512x512), got {shown(text)}")
     return values[0], values[1]
 
 
@@ -119,14 +150,14 @@ def _int_from_text(text: str) -> int:
     try:
         return int(text)
     except ValueError:
-        raise SettingsError(f"expected an integer, got {text!r}") from None
+        raise SettingsError(f"expected an integer, got {shown(text)}") from None
 
 
 def _float_from_text(text: str) -> float:
     try:
         return float(text)
     except ValueError:
-        raise SettingsError(f"expected a number, got {text!r}") from None
+        raise SettingsError(f"expected a number, got {shown(text)}") from None
 
 
 @dataclass(frozen=True)
@@ -163,16 +194,20 @@ FIELDS: tuple[Field, ...] = (
     Field("revision", _optional(_text), f"hub revision (default {DEFAULT_REVISION} for the default model, else main); "
           "recorded as the revision actually loaded, empty for local folders",
           to_text=_opt_text, from_text=_opt_from_text),
-    Field("num_images_per_prompt", positive_int, "variations per input", flag="--num-per-image", metavar="K",
+    Field("num_images_per_prompt", _int_up_to(MAX_PICTURES_PER_DEVICE),
+          f"variations per input, at most {MAX_PICTURES_PER_DEVICE}", flag="--num-per-image", metavar="K",
           to_text=str, from_text=_int_from_text),
-    Field("steps", positive_int, "denoising steps", to_text=str, from_text=_int_from_text),
-    Field("guidance", _number, "classifier-free guidance scale; 1 or less turns guidance off",
+    Field("steps", _int_up_to(MAX_STEPS), f"denoising steps, at most {MAX_STEPS}", to_text=str,
+          from_text=_int_from_text),
+    Field("guidance", _number, "classifier-free guidance scale (finite); 1 or less turns guidance off",
           to_text=repr, from_text=_float_from_text),
     Field("scheduler", _choice(tuple(SCHEDULERS)), "sampler", choices=tuple(SCHEDULERS)),
-    Field("eta", _non_negative, "DDIM eta", to_text=repr, from_text=_float_from_text),
-    Field("seed", _seed, "picture n of the run (input i, variation j: n = i*K + j) uses fold_in(seed, n)",
-          to_text=str, from_text=_int_from_text),
-    Field("size", _optional(_size), "output height x width in pixels (default: the model's, 512x512 for SD)",
+    Field("eta", _unit_interval, "DDIM eta, in [0, 1]: 0 is deterministic DDIM, 1 is DDPM-like noise",
+          to_text=repr, from_text=_float_from_text),
+    Field("seed", _seed, f"0..{SEED_LIMIT - 1}; picture n of the run (input i, variation j: n = i*K + j) "
+          "uses fold_in(seed, n)", to_text=str, from_text=_int_from_text),
+    Field("size", _optional(_size), f"output height x width in pixels, at most {MAX_SIDE} a side; what the "
+          "devices' memory holds is checked before sampling (default: the model's, 512x512 for SD)",
           metavar="HxW", to_text=lambda v: "" if v is None else f"{v[0]}x{v[1]}",
           from_text=lambda t: _size_from_text(t) if t else None, to_json=lambda v: None if v is None else list(v)),
     Field("preprocessing", _choice(PREPROCESSINGS),
@@ -188,7 +223,9 @@ FIELDS: tuple[Field, ...] = (
     Field("safety_checker", _flag, "filter the generated pictures with the safety checker",
           negated_flag="--no-safety-checker", to_text=lambda v: "on" if v else "off",
           from_text=lambda t: {"on": True, "off": False}[t]),
-    Field("batch_size", positive_int, "inputs per device per call", recorded=False),
+    Field("batch_size", _int_up_to(MAX_PICTURES_PER_DEVICE),
+          f"inputs per device per call; batch size x K is at most {MAX_PICTURES_PER_DEVICE}",
+          from_text=_int_from_text, recorded=False),
     Field("grid", _flag, "also write OUT/<input stem>/grid.png: the input, then its variations", recorded=False),
 )
 _BY_NAME = {f.name: f for f in FIELDS}
@@ -228,6 +265,10 @@ class GenerationSettings:
     def __post_init__(self) -> None:
         for spec in FIELDS:
             object.__setattr__(self, spec.name, spec.check(spec.name, getattr(self, spec.name)))
+        per_device = self.batch_size * self.num_images_per_prompt
+        if per_device > MAX_PICTURES_PER_DEVICE:
+            raise SettingsError(f"batch_size: {self.batch_size} inputs x {self.num_images_per_prompt} variations "
+                                f"is {per_device} pictures per device per call, more than {MAX_PICTURES_PER_DEVICE}")
 
     def replace(self, **changes: Any) -> "GenerationSettings":
         return dataclasses.replace(self, **changes)

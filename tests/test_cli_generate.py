@@ -20,10 +20,12 @@ import pytest
 from PIL import Image, ImageOps
 
 from imvar_jax import cli, hub, tiny
-from imvar_jax.batch import collect_inputs, contact_sheet, outputs, run_generate, runner
+from imvar_jax.batch import OutputError, collect_inputs, contact_sheet, outputs, run_generate, runner
 from imvar_jax.pipeline import ImageVariationOutput, ImageVariationPipeline
 from imvar_jax.preprocessing import to_rgb
 from imvar_jax.settings import FIELDS, GenerationSettings
+
+FIELDS_BY_NAME = {f.name: f for f in FIELDS}
 
 K = 2
 STEPS = 2
@@ -230,9 +232,10 @@ def test_batches_keep_one_shape_and_pictures_ignore_device_count(first_run, inpu
     shapes, calls = [], []
     real_run, real_generate = ImageVariationPipeline._run, ImageVariationPipeline.generate
 
-    def spy_run(self, placement, params, stacked, k, pixel_values, *args, **kwargs):
-        shapes.append((len(placement), k, tuple(pixel_values.shape)))
-        return real_run(self, placement, params, stacked, k, pixel_values, *args, **kwargs)
+    def spy_run(self, placement, params, stacked, k, pixel_values, rows, *args, **kwargs):
+        # The program's batch: the rows of pixel_values it runs, one per picture slot.
+        shapes.append((len(placement), k, (len(rows), *pixel_values.shape[1:])))
+        return real_run(self, placement, params, stacked, k, pixel_values, rows, *args, **kwargs)
 
     def spy_generate(self, images, *args, **kwargs):
         calls.append((len(images), kwargs["slots"], list(kwargs["first_index"]), len(kwargs["devices"])))
@@ -277,15 +280,25 @@ def test_each_input_is_read_and_decoded_once(first_run, inputs, tmp_path, monkey
     opened: list[str] = []
     real_open = builtins.open
 
-    def counting_open(file, *args, **kwargs):
+    real_os_open = os.open
+
+    def note(file) -> None:
         if isinstance(file, (str, os.PathLike)) and os.path.realpath(file).startswith(root + os.sep):
             opened.append(os.path.relpath(os.path.realpath(file), root))
+
+    def counting_open(file, *args, **kwargs):
+        note(file)
         return real_open(file, *args, **kwargs)
+
+    def counting_os_open(file, *args, **kwargs):
+        note(file)
+        return real_os_open(file, *args, **kwargs)
 
     decoded, converted = [], []
     real_decode, real_to_rgb = runner.decode_image, runner.to_rgb
     monkeypatch.setattr(builtins, "open", counting_open)
     monkeypatch.setattr(io, "open", counting_open)
+    monkeypatch.setattr(os, "open", counting_os_open)
     monkeypatch.setattr(runner, "decode_image", lambda data: decoded.append(len(data)) or real_decode(data))
     monkeypatch.setattr(runner, "to_rgb", lambda image, **kw: converted.append(kw["name"]) or real_to_rgb(image, **kw))
     image_files = sorted(p.relative_to(inputs).as_posix() for p in inputs.rglob("*")
@@ -389,7 +402,7 @@ def fake_model(monkeypatch):
 
 
 @pytest.mark.parametrize("name", [f.name for f in FIELDS if f.recorded])
-def test_a_changed_recorded_setting_regenerates(name, fake_model, inputs, tmp_path):
+def test_a_changed_recorded_setting_is_refused_until_start_over(name, fake_model, inputs, tmp_path):
     base = GenerationSettings(model="owner/some-model", steps=STEPS, num_images_per_prompt=K, dtype="float32",
                               vae_dtype="float32")
     files = [inputs / "rgb.jpg", inputs / "gray.png"]
@@ -402,7 +415,11 @@ def test_a_changed_recorded_setting_regenerates(name, fake_model, inputs, tmp_pa
     assert run_generate(files, out, base, progress=False).skipped == 2 * K
 
     changed = base.replace(**{name: _changed(name, recorded[name])})
-    summary = run_generate(files, out, changed, progress=False)
+    before = _files(out)
+    with pytest.raises(OutputError, match=f"{FIELDS_BY_NAME[name].option.lstrip('-')} .* there, .* now"):
+        run_generate(files, out, changed, progress=False)
+    assert _files(out) == before
+    summary = run_generate(files, out, changed, progress=False, start_over=True)
     k = changed.num_images_per_prompt
     assert (summary.done, summary.skipped) == (2 * k, 0)
     with Image.open(out / "gray" / "0.png") as im:

@@ -151,7 +151,7 @@ def test_text_round_trip_covers_every_recorded_field():
     ("num_images_per_prompt", True, "num_images_per_prompt: expected a positive integer"),
     ("seed", 2**32, "seed: expected an integer in 0..4294967295"),
     ("guidance", float("nan"), "guidance: expected a finite number"),
-    ("eta", -1.0, "eta: expected a finite number >= 0"),
+    ("eta", -1.0, "eta: expected a number in [0, 1]"),
     ("scheduler", "euler", "scheduler: unknown 'euler'"),
     ("dtype", "float64", "dtype: unknown 'float64'"),
     ("size", (0, 16), "size: expected (height, width)"),

@@ -2,8 +2,9 @@
 
 What ``run_generate`` writes under ``OUT``:
 
-- ``OUT/<name>/<j>.png``: variation ``j`` of an input, where ``<name>`` is the input's file stem.
-  Inputs whose stems collide (compared case-insensitively, so case-insensitive file systems are
+- ``OUT/<name>/<j>.png``: variation ``j`` of an input, where ``<name>`` is the input's file stem
+  made safe (``safe_name``: one plain folder name, never ``.``/``..``, hidden, or holding separators
+  or control characters). Inputs whose names collide (compared case-insensitively, so case-insensitive file systems are
   safe too) are named ``<stem>-<8 hex digits>``, the digits starting the sha256 of the input's
   absolute path. Each PNG carries text chunks with the settings, its picture index and the
   input's sha256 (and nothing time-dependent: the same command gives the same bytes).
@@ -11,14 +12,18 @@ What ``run_generate`` writes under ``OUT``:
   variations, in one row (a near-square grid beyond 8 tiles).
 - ``OUT/manifest.jsonl``: one JSON object per variation (``path`` relative to OUT, ``input``
   relative to the working directory when inside it, ``input_sha256``, ``index``, ``input_index``,
-  ``variation``, the settings, ``nsfw``), appended as each PNG lands; at the end of a run it is
-  rewritten sorted, one line per existing file (the newest line for each).
+  ``variation``, the settings, ``nsfw``), appended as each PNG lands; at the end of a run (also
+  one that stops early) it is rewritten sorted, exactly one line per variation file present.
 
 Picture numbering: inputs are sorted by absolute path; input ``i`` owns pictures ``i*k .. i*k+k-1``
 and picture ``n`` draws its noise from ``fold_in(key(seed), n)``. Inputs that fail keep their
 number, so a bad file never changes anyone else's pictures. Every file is written to a temporary
-name in its folder and renamed into place; a re-run skips outputs whose text chunks match the
-current settings and input, and regenerates exactly the rest.
+name in its folder and renamed into place (a killed run's temporary files are removed by the next
+run); a re-run skips outputs that decode completely and whose text chunks match the current
+settings and input, and regenerates exactly the rest. An output folder holding outputs made with
+other settings is refused unless ``start_over``; a file at an output path that imvar-jax did not
+write is never replaced (that input fails); every write is checked to stay inside ``OUT``. A run
+holds a lock on ``OUT`` (``flock`` on the folder), so two runs never write into one folder.
 
 The settings in the text chunks and manifest records are those of ``GenerationSettings``
 (``imvar_jax.settings``), written and read back there. Modules: ``inputs`` (discovery, naming,
@@ -27,14 +32,16 @@ reading and decoding), ``outputs`` (atomic writes, PNG text, manifest, contact s
 """
 
 from ..settings import SettingsError
-from .inputs import GRID, IMAGE_EXTENSIONS, MANIFEST, InputError, InputFile, collect_inputs, decode_image
-from .outputs import contact_sheet
+from .inputs import (GRID, IMAGE_EXTENSIONS, MANIFEST, InputError, InputFile, collect_inputs, decode_image, printable,
+                     safe_name)
+from .outputs import OutputError, contact_sheet
 from .runner import RunSummary, run_generate
 
 __all__ = [
     "GRID",
     "IMAGE_EXTENSIONS",
     "MANIFEST",
+    "OutputError",
     "InputError",
     "InputFile",
     "RunSummary",
@@ -42,5 +49,7 @@ __all__ = [
     "collect_inputs",
     "contact_sheet",
     "decode_image",
+    "printable",
     "run_generate",
+    "safe_name",
 ]

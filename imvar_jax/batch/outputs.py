@@ -8,24 +8,35 @@ PNG's settings back when deciding whether it is already done.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import math
 import os
-import struct
+import re
+import stat
 import uuid
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, Callable, Mapping, Sequence
 
 from PIL import Image, PngImagePlugin
 
-from ..settings import GenerationSettings
-from .inputs import MANIFEST, InputFile
+from ..settings import FIELDS, GenerationSettings, SettingsError
+from .inputs import GRID, MANIFEST, InputFile, printable
 
 SOFTWARE = "imvar-jax"
 # The chunks each output carries besides the settings; "nsfw" and "Software" are informative only.
 PICTURE_KEYS = ("input_sha256", "index", "nsfw", "Software")
 _TMP_PREFIX = ".imvar-tmp-"
 _MAX_ROW = 8
+_VARIATION = re.compile(r"^(0|[1-9][0-9]*)\.png$")
+# Settings a run only knows once the model is loaded: before that, an unset one cannot conflict.
+_RESOLVED_LATER = ("revision", "dtype", "vae_dtype", "size")
+
+
+class OutputError(ValueError):
+    """The output folder cannot be used as asked; the message names the folder or file."""
 
 
 # ----------------------------------------------------------------------
@@ -54,15 +65,37 @@ def write_png(path: Path, image: Image.Image, text: Mapping[str, str]) -> None:
     atomic_write(path, lambda f: image.save(f, format="PNG", pnginfo=info))
 
 
+def png_chunks(path: Path) -> dict[str, str] | None:
+    """The text chunks of ``path`` if imvar-jax wrote it (its Software chunk says so), read without decoding
+    the pixels; None for anything else: another program's file, not a PNG, unreadable, a link."""
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None
+        with Image.open(path) as image:
+            if image.format != "PNG":
+                return None
+            text = {k: str(v) for k, v in image.info.items() if isinstance(v, str)}
+    except Exception:  # anything Pillow raises on a damaged file means it is not a usable output
+        return None
+    return text if text.get("Software") == SOFTWARE else None
+
+
 def read_png_text(path: Path, size: tuple[int, int]) -> dict[str, str] | None:
-    """The text chunks of a complete PNG of ``size`` (width, height); None if missing, unreadable or otherwise."""
+    """The text chunks of a complete imvar-jax PNG of ``size`` (width, height); None if missing, damaged,
+    incomplete (every chunk's CRC is checked, up to the final IEND), of another size, or not ours."""
+    text = png_chunks(path)
+    if text is None:
+        return None
     try:
         with Image.open(path) as image:
-            if image.format != "PNG" or image.size != size:
+            image.verify()  # every chunk's CRC, through IEND: a file cut anywhere fails here
+        with Image.open(path) as image:
+            if image.size != size:
                 return None
-            return {k: str(v) for k, v in image.text.items()}
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error):
+            image.load()  # and the pixels decompress completely
+    except Exception:
         return None
+    return text
 
 
 # ----------------------------------------------------------------------
@@ -110,13 +143,15 @@ def record(item: InputFile, sha256: str, j: int, resolved: GenerationSettings, n
            ) -> dict[str, Any]:
     """Variation ``j`` of ``item``'s manifest line."""
     k = resolved.num_images_per_prompt
-    return {"path": f"{item.name}/{j}.png", "input": item.display, "input_sha256": sha256,
+    return {"path": f"{item.name}/{j}.png", "input": item.relative, "input_sha256": sha256,
             "index": picture_index(item, j, k), "input_index": item.index, "variation": j,
             **resolved.to_json(), "nsfw": nsfw}
 
 
 def append_record(out: Path, entry: Mapping[str, Any]) -> None:
-    with open(out / MANIFEST, "a", encoding="utf-8") as f:
+    # O_NOFOLLOW: a link planted at the manifest's name must not send the line elsewhere.
+    fd = os.open(out / MANIFEST, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
         f.write(json.dumps(entry) + "\n")
         f.flush()
         os.fsync(f.fileno())
@@ -137,11 +172,34 @@ def read_manifest(path: Path) -> list[dict[str, Any]]:
     return records
 
 
-def rewrite_manifest(out: Path, current: Mapping[str, Mapping[str, Any]]) -> None:
-    """One line per existing output: this run's record, else the last one written for that path; sorted."""
+def record_from_chunks(rel: str, text: Mapping[str, str]) -> dict[str, Any] | None:
+    """The manifest line of an existing variation known only from its chunks (its input was not in this run)."""
+    values = GenerationSettings.recorded_from_text(text)
+    match = _VARIATION.match(Path(rel).name)
+    if values is None or match is None or not text.get("index", "").isdigit():
+        return None
+    fields = {f.name: f.to_json(values[f.name]) for f in FIELDS if f.recorded}
+    return {"path": rel, "input": None, "input_sha256": text.get("input_sha256"), "index": int(text["index"]),
+            "input_index": None, "variation": int(match.group(1)), **fields, "nsfw": nsfw_flag(text.get("nsfw"))}
+
+
+def rewrite_manifest(out: Path, current: Mapping[str, Mapping[str, Any]],
+                     others: Mapping[str, Mapping[str, str]]) -> None:
+    """One line per variation PNG present: this run's record, else (for ``others``, the earlier outputs of
+    inputs not in this run, with their chunks) the old line if it still describes the file, else one built
+    from the file's chunks; sorted. So the manifest lists exactly the variation files in OUT."""
     path = out / MANIFEST
-    records = {r["path"]: r for r in read_manifest(path)}
-    records.update(current)
+    old = {r["path"]: r for r in read_manifest(path)}
+    records = dict(current)
+    for rel, text in others.items():
+        if rel in records:
+            continue
+        entry = old.get(rel)
+        if entry is None or entry.get("input_sha256") != text.get("input_sha256") \
+                or str(entry.get("index")) != text.get("index"):
+            entry = record_from_chunks(rel, text)
+        if entry is not None:
+            records[rel] = entry
     kept = [r for p, r in records.items() if (out / p).is_file()]
     if not kept and not path.exists():
         return
@@ -153,6 +211,157 @@ def rewrite_manifest(out: Path, current: Mapping[str, Mapping[str, Any]]) -> Non
     body = "".join(json.dumps(r) + "\n" for r in sorted(kept, key=order)).encode()
     if not (path.is_file() and path.read_bytes() == body):
         atomic_write(path, lambda f: f.write(body))
+
+
+# ----------------------------------------------------------------------
+# The output folder
+# ----------------------------------------------------------------------
+
+def check_creatable(path: Path) -> None:
+    """OutputError unless ``path`` could be created: its nearest existing ancestor is a folder this process
+    can write into. Checked before a long model load, so an impossible ``--out`` fails at once."""
+    parent = path.parent
+    while not os.path.lexists(parent) and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir():
+        raise OutputError(f"out: cannot create {printable(str(path))} ({printable(str(parent))} is not a folder)")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"out: cannot write into {printable(str(parent))} to create {printable(str(path))} "
+                          f"(permission denied)")
+
+
+@dataclass
+class OutFolder:
+    """An output folder held by one run: locked, cleared of an interrupted run's temporary files, surveyed.
+
+    ``outputs`` maps each earlier imvar-jax PNG (``<name>/<j>.png`` or ``<name>/grid.png``,
+    relative to OUT) to its text chunks.
+    """
+
+    path: Path
+    outputs: dict[str, dict[str, str]] = field(default_factory=dict)
+    removed_temporary: int = 0
+    _lock: int | None = None
+
+    @classmethod
+    def open(cls, path: Path) -> "OutFolder":
+        """Create and lock ``path``; raise OutputError (naming it) when it cannot be written or is in use."""
+        shown = printable(str(path))
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            # The lock is on the folder itself, so a run leaves no lock file behind.
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as e:
+            raise OutputError(f"out: cannot write into {shown} ({e.strerror or e})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError as e:
+            os.close(fd)
+            if e.errno in (errno.EAGAIN, errno.EACCES):
+                raise OutputError(f"out: another imvar-jax generate is writing into {shown}") from None
+            raise OutputError(f"out: cannot lock {shown} ({e.strerror or e})") from None
+        folder = cls(Path(os.path.realpath(path)), _lock=fd)
+        try:
+            if not os.access(folder.path, os.W_OK):
+                raise OutputError(f"out: cannot write into {shown} (permission denied)")
+            manifest = folder.path / MANIFEST
+            if os.path.lexists(manifest) and not stat.S_ISREG(os.lstat(manifest).st_mode):
+                raise OutputError(f"out: {printable(str(manifest))} is not a regular file; move it away")
+            folder._survey()
+        except BaseException:
+            folder.close()
+            raise
+        return folder
+
+    def close(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)  # releases the lock
+            self._lock = None
+
+    def _survey(self) -> None:
+        """Remove a killed run's temporary files; note every earlier output's chunks."""
+        for entry in sorted(os.scandir(self.path), key=lambda e: e.name):
+            if entry.name.startswith(_TMP_PREFIX) and entry.is_file(follow_symlinks=False):
+                self._remove_temporary(entry.path)
+            if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
+                continue
+            try:
+                files = sorted(os.scandir(entry.path), key=lambda e: e.name)
+            except OSError:
+                continue  # reported when an input needs this folder
+            for f in files:
+                if f.name.startswith(_TMP_PREFIX) and f.is_file(follow_symlinks=False):
+                    self._remove_temporary(f.path)
+                elif (f.name == GRID or _VARIATION.match(f.name)) and (text := png_chunks(Path(f.path))):
+                    self.outputs[f"{entry.name}/{f.name}"] = text
+
+    def _remove_temporary(self, path: str) -> None:
+        try:
+            os.unlink(path)
+            self.removed_temporary += 1
+        except OSError:
+            pass
+
+    def conflicts(self, settings: GenerationSettings, *, resolved: bool) -> str | None:
+        """What differs between ``settings`` and the earlier outputs' recorded settings, as message text, or None.
+
+        Before the model is loaded (``resolved`` False) an unset dtype, size or revision matches anything.
+        """
+        found: dict[str, set[str]] = {}
+        count = 0
+        for text in self.outputs.values():
+            differing = False
+            for f in FIELDS:
+                if not f.recorded:
+                    continue
+                value = getattr(settings, f.name)
+                if not resolved and f.name in _RESOLVED_LATER and value is None:
+                    continue
+                if f.name not in text:
+                    there = "not recorded"
+                else:
+                    try:
+                        if f.check(f.name, f.from_text(text[f.name])) == value:
+                            continue
+                    except (SettingsError, KeyError):
+                        pass
+                    there = text[f.name]
+                found.setdefault(f.name, set()).add(there)
+                differing = True
+            count += differing
+        if not found:
+            return None
+        spec = {f.name: f for f in FIELDS}
+        parts = [f"{spec[n].option.lstrip('-')} {printable(', '.join(sorted(v)))} there, "
+                 f"{spec[n].to_text(getattr(settings, n)) or 'unset'} now" for n, v in found.items()]
+        return (f"out: {printable(str(self.path))} holds {count} earlier output(s) made with other settings "
+                f"({'; '.join(parts)}); pass --start-over to delete imvar-jax's earlier outputs there first, "
+                f"or choose another --out")
+
+    def start_over(self) -> int:
+        """Delete every earlier imvar-jax output and the manifest (never another program's files); the count."""
+        removed = 0
+        for rel in sorted(self.outputs):
+            (self.path / rel).unlink(missing_ok=True)
+            removed += 1
+            try:
+                (self.path / rel).parent.rmdir()  # only once empty
+            except OSError:
+                pass
+        self.outputs.clear()
+        (self.path / MANIFEST).unlink(missing_ok=True)
+        return removed
+
+    def folder(self, name: str) -> Path:
+        """``OUT/name``, created: a real folder directly inside OUT; OutputError if something else is there."""
+        path = self.path / name
+        if os.path.lexists(path) and (os.path.islink(path) or not path.is_dir()):
+            raise OutputError(f"{printable(str(path))} exists and is not a folder imvar-jax can write into "
+                              f"(a file or a link); move it away")
+        path.mkdir(exist_ok=True)
+        if os.path.realpath(path) != os.path.join(str(self.path), name):
+            raise OutputError(f"{printable(str(path))} resolves outside the output folder")
+        return path
 
 
 # ----------------------------------------------------------------------

@@ -22,12 +22,14 @@ from PIL import Image
 from tqdm import tqdm
 
 from .. import hub
+from ..errors import NonFiniteError
 from ..parallel import Placement
 from ..pipeline import ImageVariationPipeline
 from ..preprocessing import to_pil, to_rgb
-from ..settings import GenerationSettings, SettingsError
+from ..settings import GenerationSettings
 from . import outputs
-from .inputs import GRID, InputError, InputFile, collect_inputs, decode_image, read_input
+from .inputs import GRID, InputError, InputFile, collect_inputs, decode_image, printable, read_input
+from .outputs import OutFolder, OutputError
 
 
 @dataclass
@@ -75,16 +77,24 @@ class _Batch:
 
 
 class _Runner:
-    def __init__(self, out: Path, settings: GenerationSettings, report: Callable[[str], None], progress: bool,
-                 devices: Sequence[jax.Device] | None):
+    def __init__(self, out: Path, settings: GenerationSettings, report: Callable[[str], None],
+                 note: Callable[[str], None], progress: bool, devices: Sequence[jax.Device] | None):
         self.out = out
+        self.folder: OutFolder | None = None  # set once the output folder is opened
         self.settings = settings
         self.report = report
+        self.note = note
         self.progress = progress
         self.devices = list(Placement.of(devices).devices)
         self.summary = RunSummary()
         self.records: dict[str, dict[str, Any]] = {}
         self.bar: tqdm | None = None  # set while generating
+
+    def open_folder(self) -> None:
+        self.folder = OutFolder.open(self.out)
+        if self.folder.removed_temporary:
+            self.note(f"removed {self.folder.removed_temporary} temporary file(s) left by an interrupted run "
+                      f"in {printable(str(self.out))}")
 
     def fail(self, display: str, reason: str) -> None:
         self.summary.failures.append((display, reason))
@@ -103,36 +113,53 @@ class _Runner:
             batch.failures.append((item.display, str(e)))
             batch.dropped += k
             return None
-        folder = self.out / item.name
+        folder = self.folder.path / item.name
         missing = []
-        for j in range(k):
-            found = outputs.read_png_text(folder / f"{j}.png", (width, height))
-            if outputs.is_current(found, resolved, sha, outputs.picture_index(item, j, k)):
-                batch.skipped.append(outputs.record(item, sha, j, resolved, outputs.nsfw_flag(found.get("nsfw"))))
-                batch.dropped += 1
-            else:
-                missing.append(j)
-        grid = resolved.grid and not outputs.is_current(
-            outputs.read_png_text(folder / GRID, outputs.sheet_size(k + 1, (width, height))), resolved, sha,
-            outputs.grid_index(item, k))
+        done = 0
+        try:
+            if os.path.lexists(folder) and (os.path.islink(folder) or not folder.is_dir()):
+                raise InputError(f"its output folder {printable(str(folder))} is a file or a link; move it away")
+            for j in range(k):
+                path = folder / f"{j}.png"
+                found = outputs.read_png_text(path, (width, height))
+                if outputs.is_current(found, resolved, sha, outputs.picture_index(item, j, k)):
+                    batch.skipped.append(outputs.record(item, sha, j, resolved,
+                                                        outputs.nsfw_flag(found.get("nsfw"))))
+                    done += 1
+                else:
+                    _check_replaceable(path)
+                    missing.append(j)
+            grid_path = folder / GRID
+            grid = resolved.grid and not outputs.is_current(
+                outputs.read_png_text(grid_path, outputs.sheet_size(k + 1, (width, height))), resolved, sha,
+                outputs.grid_index(item, k))
+            if grid:
+                _check_replaceable(grid_path)
+        except InputError as e:
+            batch.failures.append((item.display, str(e)))
+            batch.dropped += k
+            return None
+        batch.dropped += done
         if not missing and not grid:
             return None
         work = _Work(item, sha, missing, grid)
         try:
             picture = decode_image(data)
             del data  # the decoded picture is all that is needed from here on
-            try:
-                rgb = to_rgb(picture, name=item.display)
-                if missing:
-                    work.pixel_values = pipe.prepare_inputs([rgb], resolved.preprocessing)
-            except (ValueError, OSError) as e:
-                raise InputError(str(e).removeprefix(f"{item.display}: ")) from None
+            rgb = to_rgb(picture, name=item.display)
+            if missing:
+                work.pixel_values = pipe.prepare_inputs([rgb], resolved.preprocessing)
+            if grid:
+                work.thumbnail = rgb.resize((width, height), Image.Resampling.BICUBIC)
         except InputError as e:
             batch.failures.append((item.display, str(e)))
             batch.dropped += len(missing)
             return None
-        if grid:
-            work.thumbnail = rgb.resize((width, height), Image.Resampling.BICUBIC)
+        except Exception as e:  # EXIF, ICC and plugin code can raise anything on hostile bytes: this input fails
+            reason = printable(str(e).removeprefix(f"{item.display}: ")) or type(e).__name__
+            batch.failures.append((item.display, f"cannot use this picture ({reason})"))
+            batch.dropped += len(missing)
+            return None
         return work
 
     def batches(self, items: list[InputFile], pipe: ImageVariationPipeline, resolved: GenerationSettings,
@@ -178,31 +205,45 @@ class _Runner:
             self.bar.refresh()
 
     def sample(self, works: list[_Work], pipe: ImageVariationPipeline, params: dict[str, Any],
-               resolved: GenerationSettings) -> tuple[np.ndarray, list[bool] | None]:
-        """One program call for ``works``' pictures, padded to the same picture count every call (one compile)."""
+               resolved: GenerationSettings) -> tuple[np.ndarray, list[bool] | None, dict[int, str]]:
+        """One program call for ``works``' pictures, padded to the same picture count every call (one compile).
+
+        Also returns the pictures (by global index) that went non-finite, with where: those are not written.
+        """
         s = resolved
         k = s.num_images_per_prompt
         height, width = s.size
-        result = pipe.generate(
-            np.concatenate([w.pixel_values for w in works]), params, s.seed, num_images_per_prompt=k,
-            first_index=[outputs.picture_index(w.item, 0, k) for w in works], devices=self.devices,
-            slots=len(self.devices) * s.batch_size * k, num_inference_steps=s.steps, guidance_scale=s.guidance,
-            height=height, width=width, eta=s.eta, preprocessing=s.preprocessing)
-        return result.images, result.nsfw_content_detected
+        try:
+            result = pipe.generate(
+                np.concatenate([w.pixel_values for w in works]), params, s.seed, num_images_per_prompt=k,
+                first_index=[outputs.picture_index(w.item, 0, k) for w in works], devices=self.devices,
+                slots=len(self.devices) * s.batch_size * k, num_inference_steps=s.steps, guidance_scale=s.guidance,
+                height=height, width=width, eta=s.eta, preprocessing=s.preprocessing)
+            bad: dict[int, str] = {}
+        except NonFiniteError as e:
+            result, bad = e.output, dict(e.pictures)
+        return result.images, result.nsfw_content_detected, bad
 
     # -- writer thread ---------------------------------------------------
 
-    def write(self, batch: _Batch, images: np.ndarray | None, flags: list[bool] | None,
+    def write(self, batch: _Batch, images: np.ndarray | None, flags: list[bool] | None, bad: dict[int, str],
               resolved: GenerationSettings) -> None:
-        """Each missing variation as a PNG, then its manifest line; then the input's grid from the same pictures."""
+        """Each missing variation as a PNG, then its manifest line; then the input's grid from the same pictures.
+
+        An input whose pictures went non-finite, or whose folder cannot be written, fails alone.
+        """
         k = resolved.num_images_per_prompt
         height, width = resolved.size
         r = 0  # the work's place among the sampled ones
         for work in batch.works:
             item = work.item
-            folder = self.out / item.name
             fresh: dict[int, Image.Image] = {}
-            if work.missing:
+            try:
+                nonfinite = [f"picture {n}: {bad[n]}" for n in
+                             (outputs.picture_index(item, j, k) for j in work.missing) if n in bad]
+                if nonfinite:
+                    raise InputError(f"sampling produced non-finite values, not written ({'; '.join(nonfinite)})")
+                folder = self.folder.folder(item.name)
                 for j in work.missing:
                     n = r * k + j
                     nsfw = None if flags is None else flags[n]
@@ -211,18 +252,22 @@ class _Runner:
                                       outputs.output_text(resolved, work.sha256, outputs.picture_index(item, j, k),
                                                           nsfw))
                     entry = outputs.record(item, work.sha256, j, resolved, nsfw)
-                    outputs.append_record(self.out, entry)
+                    outputs.append_record(self.folder.path, entry)
                     self.records[entry["path"]] = entry
                     self.summary.done += 1
                     self.bar.update(1)
                     fresh[j] = picture
-                r += 1
-            if work.grid:
-                tiles = [work.thumbnail] + [fresh[j] if j in fresh else _read_rgb(folder / f"{j}.png")
-                                            for j in range(k)]
-                outputs.write_png(folder / GRID, outputs.contact_sheet(tiles, (width, height)),
-                                  outputs.output_text(resolved, work.sha256, outputs.grid_index(item, k), grid=True))
-            work.pixel_values = work.thumbnail = None
+                if work.grid:
+                    tiles = [work.thumbnail] + [fresh[j] if j in fresh else _read_rgb(folder / f"{j}.png")
+                                                for j in range(k)]
+                    outputs.write_png(folder / GRID, outputs.contact_sheet(tiles, (width, height)),
+                                      outputs.output_text(resolved, work.sha256, outputs.grid_index(item, k),
+                                                          grid=True))
+            except (InputError, OutputError) as e:
+                self.fail(item.display, str(e))
+            finally:
+                r += 1 if work.missing else 0
+                work.pixel_values = work.thumbnail = None
 
     # -- the run ---------------------------------------------------------
 
@@ -242,33 +287,56 @@ class _Runner:
                     ahead = reader.submit(next, batches, None)
                     self.absorb(batch)
                     sampled = batch.sampled
-                    images, flags = self.sample(sampled, pipe, params, resolved) if sampled else (None, None)
+                    images, flags, bad = self.sample(sampled, pipe, params, resolved) if sampled else (None, None, {})
                     if pending is not None:
                         pending.result()
-                    pending = writer.submit(self.write, batch, images, flags, resolved)
+                    pending = writer.submit(self.write, batch, images, flags, bad, resolved)
                 if pending is not None:
                     pending.result()
         finally:
             self.bar.close()
 
-    def run(self, items: list[InputFile]) -> RunSummary:
+    def run(self, items: list[InputFile], start_over: bool) -> RunSummary:
         s = self.settings
         # Loaded straight onto every device: one copy of the weights per device, none left behind on the first.
         pipe, params = ImageVariationPipeline.from_pretrained(
             s.model, revision=s.revision, scheduler=s.scheduler, dtype=s.dtype, vae_dtype=s.vae_dtype,
             attention=s.attention, safety_checker=s.safety_checker, devices=self.devices)
         resolved = pipe.resolve(s, hub.recorded_revision(s.model, s.revision))
+        if self.folder is None:
+            self.open_folder()
+        if start_over:
+            removed = self.folder.start_over()
+            if removed:
+                self.note(f"--start-over: removed {removed} earlier output(s) from {printable(str(self.out))}")
+        elif (conflict := self.folder.conflicts(resolved, resolved=True)) is not None:
+            raise OutputError(conflict)
         start = time.perf_counter()
-        self.generate(items, pipe, params, resolved)
+        try:
+            self.generate(items, pipe, params, resolved)
+        finally:
+            # Even when the run stops early, the manifest ends up describing exactly the files present.
+            earlier = {rel: text for rel, text in self.folder.outputs.items() if Path(rel).name != GRID}
+            outputs.rewrite_manifest(self.folder.path, self.records, earlier)
         self.summary.seconds = time.perf_counter() - start
-        outputs.rewrite_manifest(self.out, self.records)
         return self.summary
+
+
+def _check_replaceable(path: Path) -> None:
+    """InputError unless ``path`` is absent or an imvar-jax output (complete or not): never replace a stranger's
+    file, or write through a link."""
+    if os.path.lexists(path) and outputs.png_chunks(path) is None:
+        raise InputError(f"{printable(str(path))} exists and was not written by imvar-jax; not overwritten "
+                         f"(move it away, or choose another --out)")
 
 
 def _read_rgb(path: Path) -> Image.Image:
     """A variation written by an earlier run, for a grid."""
-    with Image.open(path) as image:
-        return image.convert("RGB")
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except Exception as e:
+        raise InputError(f"cannot read {printable(str(path))} for the grid ({e})") from None
 
 
 def _report_stderr(line: str) -> None:
@@ -276,28 +344,46 @@ def _report_stderr(line: str) -> None:
 
 
 def run_generate(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, settings: GenerationSettings, *,
-                 report: Callable[[str], None] | None = None, progress: bool | None = None,
-                 devices: Sequence[jax.Device] | None = None) -> RunSummary:
+                 report: Callable[[str], None] | None = None, note: Callable[[str], None] | None = None,
+                 progress: bool | None = None, devices: Sequence[jax.Device] | None = None,
+                 start_over: bool = False) -> RunSummary:
     """Generate ``settings.num_images_per_prompt`` variations of every input into ``out``; see ``imvar_jax.batch``.
 
     ``inputs``: files, folders and glob patterns (``collect_inputs``). Inputs that cannot be used
     are reported through ``report`` (default: a line on stderr) as ``"<input>: <reason>"``, listed in
-    the summary's ``failures`` and skipped. ``progress``: show a progress bar (default: when stderr is
-    a terminal). ``devices``: where to run (default every local device); each program call takes
-    ``len(devices) * settings.batch_size`` inputs, padded to the same picture count every time, so
-    the run compiles once. Raises SettingsError for settings that do not fit the loaded model (such
-    as ``size``); the model's own load errors propagate.
+    the summary's ``failures`` and skipped; ``note`` (default stderr) gets what the run cleaned up.
+    ``progress``: show a progress bar (default: when stderr is a terminal). ``devices``: where to
+    run (default every local device); each program call takes ``len(devices) * settings.batch_size``
+    inputs, padded to the same picture count every time, so the run compiles once.
+
+    ``out`` is locked for the run. If it holds imvar-jax outputs made with other settings, the run
+    refuses (OutputError naming the settings) unless ``start_over``, which first deletes every
+    earlier imvar-jax output and the manifest there (another program's files are never touched).
+    Raises SettingsError for settings that do not fit the loaded model (such as ``size``),
+    OutputError when ``out`` cannot be used; the model's own load errors propagate.
     """
     if not isinstance(settings, GenerationSettings):
         raise TypeError(f"settings: expected a GenerationSettings, got {type(settings).__name__}")
     out_dir = Path(os.path.abspath(os.path.expanduser(os.fspath(out))))
-    if out_dir.exists() and not out_dir.is_dir():
-        raise SettingsError(f"out: {out_dir} exists and is not a folder")
-    runner = _Runner(out_dir, settings, report or _report_stderr,
+    if os.path.lexists(out_dir) and not out_dir.is_dir():
+        raise OutputError(f"out: {printable(str(out_dir))} exists and is not a folder")
+    runner = _Runner(out_dir, settings, report or _report_stderr, note or _report_stderr,
                      sys.stderr.isatty() if progress is None else progress, devices)
     items, misses = collect_inputs(inputs, exclude=out_dir)
     for spec, reason in misses:
         runner.fail(spec, reason)
     if not items:
         return runner.summary
-    return runner.run(items)
+    # An existing OUT is locked and checked before the model loads; a new one is made only once the
+    # model has loaded, so a run that fails before producing anything leaves nothing behind.
+    try:
+        if out_dir.exists():
+            runner.open_folder()
+            if not start_over and (conflict := runner.folder.conflicts(settings, resolved=False)) is not None:
+                raise OutputError(conflict)
+        else:
+            outputs.check_creatable(out_dir)
+        return runner.run(items, start_over)
+    finally:
+        if runner.folder is not None:
+            runner.folder.close()
