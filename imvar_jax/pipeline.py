@@ -364,9 +364,12 @@ class ImageVariationPipeline:
         """``(height, width)`` of the output pictures: the model's default where None; checked against the VAE."""
         f = self.vae_scale_factor
         sample_size = self.unet.config.sample_size
-        default = sample_size if isinstance(sample_size, int) else sample_size[0]
-        height = default * f if height is None else height
-        width = default * f if width is None else width
+        if sample_size is None and (height is None or width is None):
+            # diffusers' default config leaves sample_size unset: only the caller can say the size.
+            raise SettingsError("size: the UNet config sets no sample_size, so give height and width (--size HxW)")
+        default = (sample_size, sample_size) if isinstance(sample_size, int) else sample_size
+        height = default[0] * f if height is None else height
+        width = default[1] * f if width is None else width
         for name, v in (("height", height), ("width", width)):
             if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v <= 0 or v % f:
                 raise SettingsError(f"{name}: {shown(v)} is not a positive multiple of {f} "

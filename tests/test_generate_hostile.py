@@ -29,6 +29,7 @@ from imvar_jax import cli
 from imvar_jax.batch import MANIFEST, collect_inputs, printable, runner, safe_name
 from imvar_jax.batch.inputs import output_names
 from imvar_jax.errors import NonFiniteError
+from imvar_jax.memory import InsufficientMemoryError
 from imvar_jax.pipeline import ImageVariationOutput, ImageVariationPipeline
 
 K = 2
@@ -404,3 +405,19 @@ def test_non_finite_pictures_fail_their_input_only(tmp_path, monkeypatch):
     line = assert_clean_error(err, "b.png", "non-finite", "picture 3", "step 1")
     assert len(_errors(err)) == 1, line
     assert _variation_files(tmp_path / "out") == {f"a/{j}.png" for j in range(K)} == set(_manifest(tmp_path / "out"))
+
+
+def test_a_batch_too_large_for_memory_names_the_run_settings(tmp_path, monkeypatch):
+    """The pipeline refuses by slots; the run says which of its own options to lower, and leaves no OUT."""
+
+    def refuse(self, *args, **kwargs):
+        raise InsufficientMemoryError("slots: too many", needed=12 * 2**30, available=8 * 2**30,
+                                      pictures_per_device=4, fits=3)
+
+    monkeypatch.setattr(ImageVariationPipeline, "generate", refuse)
+    code, err, changed = _run(tmp_path, _picture(tmp_path / "in" / "a.png"), "--batch-size", "2")
+    assert code == 2 and changed == []
+    line = assert_clean_error(err, "batch_size: 2 input(s) x 2 picture(s) per device", "12.0 GiB", "8.0 GiB",
+                              "at most 3 picture(s) per device", "--batch-size")
+    assert err.splitlines()[-1] == line
+    assert not (tmp_path / "out").exists()

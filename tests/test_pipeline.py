@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,7 @@ import pytest
 import torch
 
 from helpers import assert_close
-from imvar_jax import ImageVariationPipeline, convert_checkpoint
+from imvar_jax import ImageVariationPipeline, SettingsError, convert_checkpoint, tiny
 from tiny_checkpoint import build_torch_pipeline, save_pipeline
 
 
@@ -105,3 +107,18 @@ def test_without_safety_checker(folders):
     assert pipe.safety_checker is None and "safety_checker" not in params
     with pytest.raises(ValueError, match="without a safety checker"):
         pipe.check_safety(params, _pixels())
+
+
+@pytest.mark.parametrize("sample_size", [None, (4, 2)])
+def test_output_size_follows_the_unet_config(sample_size):
+    """diffusers' default UNet config leaves sample_size unset (only a given size will do); [h, w] is per side."""
+    configs = tiny.tiny_configs()
+    configs["unet"] = dataclasses.replace(configs["unet"], sample_size=sample_size)
+    pipe = ImageVariationPipeline.from_configs(configs)
+    f = pipe.vae_scale_factor
+    assert pipe.size(8 * f, 4 * f) == (8 * f, 4 * f)
+    if sample_size is None:
+        with pytest.raises(SettingsError, match="sets no sample_size"):
+            pipe.size()
+    else:
+        assert pipe.size() == (4 * f, 2 * f)

@@ -8,6 +8,7 @@ thread encodes and writes the PNGs, manifest lines and grids of the batch before
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -23,10 +24,11 @@ from tqdm import tqdm
 
 from .. import hub
 from ..errors import NonFiniteError
+from ..memory import GIB, InsufficientMemoryError
 from ..parallel import Placement
 from ..pipeline import ImageVariationPipeline
 from ..preprocessing import to_pil, to_rgb
-from ..settings import GenerationSettings
+from ..settings import GenerationSettings, SettingsError
 from . import outputs
 from .inputs import GRID, InputError, InputFile, collect_inputs, decode_image, printable, read_input
 from .outputs import OutFolder, OutputError
@@ -222,6 +224,14 @@ class _Runner:
             bad: dict[int, str] = {}
         except NonFiniteError as e:
             result, bad = e.output, dict(e.pictures)
+        except InsufficientMemoryError as e:
+            if e.fits == 0:
+                raise  # not even one picture per device: the pipeline's message names the size
+            # The pipeline speaks of slots; a run is laid out by --batch-size and --num-per-image.
+            raise SettingsError(f"batch_size: {s.batch_size} input(s) x {k} picture(s) per device at {height}x{width} "
+                                f"need {e.needed / GIB:.1f} GiB per device, {e.available / GIB:.1f} GiB free; at "
+                                f"most {e.fits} picture(s) per device fit: lower --batch-size or --num-per-image"
+                                ) from None
         return result.images, result.nsfw_content_detected, bad
 
     # -- writer thread ---------------------------------------------------
@@ -376,6 +386,7 @@ def run_generate(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, se
         return runner.summary
     # An existing OUT is locked and checked before the model loads; a new one is made only once the
     # model has loaded, so a run that fails before producing anything leaves nothing behind.
+    created = not os.path.lexists(out_dir)
     try:
         if out_dir.exists():
             runner.open_folder()
@@ -387,3 +398,6 @@ def run_generate(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, se
     finally:
         if runner.folder is not None:
             runner.folder.close()
+        if created:
+            with contextlib.suppress(OSError):
+                out_dir.rmdir()  # only if this run made it and wrote nothing into it
