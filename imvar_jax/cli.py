@@ -36,29 +36,39 @@ def _convert(args: argparse.Namespace) -> int:
 def _generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from . import hub
+    from . import distributed, hub
     from .batch import OutputError, printable, run_generate
     from .settings import GenerationSettings, SettingsError
 
+    name = "imvar-jax generate"
+    try:
+        # Before anything touches a JAX device: joining a job must come first.
+        job = distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed,
+                                     timeout_s=args.process_timeout)
+    except distributed.DistributedError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 1
+    if job.is_multiprocess:
+        name = f"imvar-jax generate [process {job.process_id}/{job.num_processes}]"
     if not args.no_compile_cache:
         hub.enable_compile_cache()
     try:
         settings = GenerationSettings.from_args(args)
         summary = run_generate(args.inputs, args.out, settings, start_over=args.start_over,
-                               report=lambda line: tqdm.write(f"imvar-jax generate: error: {line}", file=sys.stderr),
-                               note=lambda line: tqdm.write(f"imvar-jax generate: {line}", file=sys.stderr))
+                               report=lambda line: tqdm.write(f"{name}: error: {line}", file=sys.stderr),
+                               note=lambda line: tqdm.write(f"{name}: {line}", file=sys.stderr))
     except SettingsError as e:
         # Settings that only the loaded model can judge (such as --size) are argument errors too.
         args.subparser.print_usage(sys.stderr)
-        print(f"imvar-jax generate: error: {e}", file=sys.stderr)
+        print(f"{name}: error: {e}", file=sys.stderr)
         return 2
-    except OutputError as e:
-        print(f"imvar-jax generate: error: {e}", file=sys.stderr)
+    except (OutputError, distributed.DistributedError) as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:
         # A write that fails mid-run (disk full, folder made read-only): one line, the file named.
         where = f"{printable(os.fsdecode(e.filename))}: " if e.filename else ""
-        print(f"imvar-jax generate: error: {where}{e.strerror or e}", file=sys.stderr)
+        print(f"{name}: error: {where}{e.strerror or e}", file=sys.stderr)
         return 1
     print(summary.line())
     return 1 if summary.failures else 0
@@ -118,7 +128,7 @@ def _add_generate(sub) -> None:
 
     gen = sub.add_parser(
         "generate", help="generate variations of many pictures into a folder (resumable)",
-        description="Generate variations of every input picture on every local device. Outputs go to "
+        description="Generate variations of every input picture on every device. Outputs go to "
                     "OUT/<input stem>/<j>.png with the settings in PNG text chunks and one line per picture "
                     "in OUT/manifest.jsonl. Running the same command again skips finished pictures, so an "
                     "interrupted run can simply be restarted. Exit code 1 if any input could not be used.")
@@ -133,7 +143,31 @@ def _add_generate(sub) -> None:
                           "is refused")
     gen.add_argument("--no-compile-cache", action="store_true",
                      help="do not use JAX's persistent compilation cache")
+    job = gen.add_argument_group(
+        "multi-process jobs", "Run the same command on every host (or process) with one shared --out: the "
+        "pictures are spread over the devices of all of them. Omit these for one process.")
+    job.add_argument("--distributed", action="store_true",
+                     help="join the job JAX detects from the cluster (TPU pod slices, SLURM, Open MPI)")
+    job.add_argument("--coordinator", metavar="HOST:PORT", default=None,
+                     help="address of process 0, where the job meets (default $JAX_COORDINATOR_ADDRESS)")
+    job.add_argument("--num-processes", type=int, metavar="N", default=None,
+                     help="number of processes in the job (default $JAX_NUM_PROCESSES)")
+    job.add_argument("--process-id", type=int, metavar="I", default=None,
+                     help="this process's number, 0..N-1 (default $JAX_PROCESS_ID)")
+    job.add_argument("--process-timeout", type=_positive_seconds, metavar="S", default=300,
+                     help="seconds to wait for every process to join and, later, to reach the same point of "
+                          "the job before failing (default 300)")
     gen.set_defaults(func=_generate, subparser=gen)
+
+
+def _positive_seconds(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number of seconds, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected at least 1 second, got {value}")
+    return value
 
 
 def _add_info(sub) -> None:

@@ -4,8 +4,12 @@ One mechanism places every sharded computation (sampling, the safety check, the 
 a 1-D ``Mesh`` over the devices (axis ``AXIS``), batch axes split with ``NamedSharding`` and
 per-device bodies run through ``shard_map``. Params are replicated in ``replicate``'s stacked
 form ``[D, ...]``, which is what diffusers-Flax users pass to ``pmap``; inside a body each device
-sees its own ``[1, ...]`` block. A global mesh over several processes' devices is the same
-mechanism with ``jax.devices()`` in place of ``jax.local_devices()``.
+sees its own ``[1, ...]`` block.
+
+The same mechanism spans several processes (``imvar_jax.distributed``): the mesh is over every
+process's devices, each process builds the global arrays from the rows its own devices hold
+(``split`` reads only those) and reads back only its own devices' rows (``local``), and every
+process calls the same programs in the same order.
 """
 
 from __future__ import annotations
@@ -32,9 +36,10 @@ class Placement:
 
     @classmethod
     def of(cls, devices: Sequence[jax.Device] | None = None) -> "Placement":
-        """The placement over ``devices`` (None: every local device); each must be a distinct ``jax.Device``."""
+        """The placement over ``devices`` (None: every device of the job, this process's and the others');
+        each must be a distinct ``jax.Device``."""
         if devices is None:
-            devices = jax.local_devices()
+            devices = jax.devices()
         try:
             devices = tuple(devices)
         except TypeError:
@@ -70,12 +75,45 @@ class Placement:
         """A whole copy on every device."""
         return NamedSharding(self.mesh, PartitionSpec())
 
+    @property
+    def local_devices(self) -> tuple[jax.Device, ...]:
+        """This process's devices among them, in mesh order."""
+        me = jax.process_index()
+        return tuple(d for d in self.devices if d.process_index == me)
+
+    @property
+    def is_multiprocess(self) -> bool:
+        return len(self.local_devices) != len(self)
+
+    def local_slots(self, total: int) -> np.ndarray:
+        """The positions (0 .. total-1) of a batch of ``total`` split over the devices that this process holds."""
+        per = total // len(self)
+        mine = [i for i, d in enumerate(self.devices) if d.process_index == jax.process_index()]
+        return (np.asarray(mine, np.int64)[:, None] * per + np.arange(per)).reshape(-1)  # [local devices * per]
+
     def split(self, x: Any) -> jax.Array:
-        """A host batch ``[B, ...]`` (B divisible by the device count) as one array split over the devices."""
+        """A host batch ``[B, ...]`` (B divisible by the device count) as one array split over the devices.
+
+        Each process reads only the rows of its own devices (``local_slots``): the other rows may hold
+        anything, such as zeros where this process did not prepare them.
+        """
         x = np.asarray(x)
         if x.shape[0] % len(self):
             raise ValueError(f"batch of {x.shape[0]} does not divide by {len(self)} devices (pad it first)")
-        return jax.device_put(x, self.batch_sharding)
+        return jax.make_array_from_callback(x.shape, self.batch_sharding, lambda index: x[index])
+
+    def whole(self, tree: Any) -> Any:
+        """Host values (the same in every process) as one copy on every device."""
+        def put(x):
+            x = np.asarray(x)
+            return jax.make_array_from_callback(x.shape, self.replicated_sharding, lambda index: x[index])
+
+        return jax.tree.map(put, tree)
+
+    def local(self, x: jax.Array) -> np.ndarray:
+        """The rows of a batch split over the devices that this process holds, in ``local_slots`` order (host)."""
+        shards = sorted(x.addressable_shards, key=lambda s: s.index[0].start or 0)
+        return np.concatenate([np.asarray(s.data) for s in shards])
 
     def program(self, body: Callable[..., Any], params_stacked: bool, batch_args: Sequence[bool],
                 ) -> Callable[..., Any]:
@@ -166,10 +204,12 @@ def replicate(tree: Any, devices: Sequence[jax.Device] | None = None) -> Any:
     """
     devices = list(devices or jax.local_devices())
     sharding = NamedSharding(Mesh(np.array(devices), ("devices",)), PartitionSpec("devices"))
+    # Over several processes' devices, each process puts the copies of its own devices only.
+    mine = [d for d in devices if d.process_index == jax.process_index()]
 
     def one(x):
         host = np.asarray(x)[None]  # [1, ...]
-        shards = [jax.device_put(host, d) for d in devices]
+        shards = [jax.device_put(host, d) for d in mine]
         return jax.make_array_from_single_device_arrays((len(devices), *host.shape[1:]), sharding, shards)
 
     return jax.tree.map(one, tree)

@@ -24,8 +24,8 @@ from .models.clip_vision import CLIPVisionModelWithProjection
 from .models.safety_checker import SafetyChecker
 from .models.unet import UNet2DConditionModel
 from .models.vae import AutoencoderKL, sample_latent
-from .parallel import (Placement, as_key, on_device, picture_keys, picture_plan, replicate, replicated_devices,
-                       unreplicate)
+from .parallel import (PicturePlan, Placement, as_key, on_device, picture_keys, picture_plan, replicate,
+                       replicated_devices, unreplicate)
 from .precision import resolve_dtypes
 from .preprocessing import prepare_inputs, to_pil
 from .sampling import Models, SampleOptions, sample
@@ -96,10 +96,16 @@ _CALLBACKS = _Callbacks()
 @dataclass
 class ImageVariationOutput:
     """``images``: float32 ``[N*k, H, W, 3]`` in [0, 1] (or PIL images), input-major;
-    ``nsfw_content_detected``: one bool per picture, or None without a safety checker."""
+    ``nsfw_content_detected``: one bool per picture, or None without a safety checker.
+
+    ``pictures``: the position ``i*k + j`` of each picture in ``images``. A single process gets
+    every picture (``0 .. N*k-1``); in a job over several processes' devices each process gets
+    only the pictures its own devices made (None where not recorded: all of them).
+    """
 
     images: Any
     nsfw_content_detected: list[bool] | None
+    pictures: list[int] | None = None
 
 
 @dataclass
@@ -216,12 +222,13 @@ class ImageVariationPipeline:
                 self._programs[key] = build()
             return self._programs[key]
 
-    def prepare_inputs(self, images: Any, preprocessing: str = "v2") -> np.ndarray:
-        """Pictures -> pixel values ``[N, 3, S, S]`` for this pipeline's image encoder (see ``imvar_jax.prepare_inputs``),
-        using the checkpoint's feature-extractor config; shard them for ``jit=True`` calls."""
+    def prepare_inputs(self, images: Any, preprocessing: str = "v2",
+                       only: Callable[[int], Any] | None = None) -> np.ndarray:
+        """Pictures -> pixel values ``[N, 3, S, S]`` for this pipeline's image encoder (see ``imvar_jax.prepare_inputs``,
+        also for ``only``), using the checkpoint's feature-extractor config; shard them for ``jit=True`` calls."""
         return prepare_inputs(images, check_value("preprocessing", preprocessing),
                               size=self.image_encoder.config.image_size,
-                              feature_extractor_config=self.feature_extractor_config)
+                              feature_extractor_config=self.feature_extractor_config, only=only)
 
     def encode_image(self, params: dict[str, Any], pixel_values: jax.Array) -> jax.Array:
         """CLIP image embeddings ``[N, 1, D]`` from pixel values ``[N, 3, S, S]`` (CLIPImageProcessor's output)."""
@@ -296,19 +303,24 @@ class ImageVariationPipeline:
         if self.safety_checker is None or "safety_checker" not in params:
             raise ValueError("this pipeline was loaded without a safety checker")
         placement, checker_params, stacked = self._placed({"safety_checker": params["safety_checker"]}, devices)
-        return self._check_safety(placement, checker_params, stacked, np.asarray(pixel_values, np.float32))
+        if placement.is_multiprocess:
+            raise ValueError("devices: check_safety checks pictures on this process's devices "
+                             "(jax.local_devices()); generate checks a multi-process job's pictures itself")
+        pixel_values = np.asarray(pixel_values, np.float32)
+        plan = picture_plan(pixel_values.shape[0], 1, multiple=len(placement))
+        return self._check_safety(placement, checker_params, stacked, pixel_values[plan.source])[:plan.count]
 
     def _check_safety(self, placement: Placement, params: dict[str, Any], stacked: bool,
                       pixel_values: np.ndarray) -> np.ndarray:
+        """Flags for the rows of a batch split over ``placement`` that this process holds (``local_slots``);
+        ``pixel_values`` is the whole batch, where only those rows need real pictures."""
         def check_safety(p, x):
             _, flags = self.safety_checker.apply({"params": p["safety_checker"]}, _nchw_to_nhwc(x.astype(self.dtype)))
             return flags
 
-        plan = picture_plan(pixel_values.shape[0], 1, multiple=len(placement))
         program = self._compiled(("check_safety", placement, stacked),
                                  lambda: placement.program(check_safety, stacked, (True,)))
-        flags = program({"safety_checker": params["safety_checker"]}, placement.split(pixel_values[plan.source]))
-        return np.asarray(flags)[:plan.count]
+        return placement.local(program({"safety_checker": params["safety_checker"]}, placement.split(pixel_values)))
 
     def _sample_program(self, opts: SampleOptions, placement: Placement, stacked: bool):
         """One jitted program per static option set and placement."""
@@ -476,7 +488,8 @@ class ImageVariationPipeline:
         """The sampling program on ``placement`` for inputs ``pixel_values[rows]`` (``rows`` a multiple of the device
         count long), ``k`` pictures each, picture p's noise from ``indices[p]``; then the safety check there.
 
-        Returns the pictures, the safety flags and, per picture, where it went non-finite (None if it did not);
+        Returns this process's pictures (the positions ``placement.local_slots(len(rows) * k)``: all of them in
+        a single process), their safety flags and, per picture, where it went non-finite (None if it did not);
         such pictures come back black. The program's memory is checked first: ``InsufficientMemoryError``
         names ``setting`` when the call asks for more pictures per device than fit.
         """
@@ -501,21 +514,23 @@ class ImageVariationPipeline:
             probe = self._sample_executable(single, placement, models, stacked, len(placement), steps, latent_shape)
             return memory.needed_bytes(probe, resident)
 
-        memory.check_fits(memory.needed_bytes(executable, resident), per_device, size, placement.devices, setting,
-                          one_picture)
+        # Each process can only see its own devices' memory; one that does not fit stops there.
+        memory.check_fits(memory.needed_bytes(executable, resident), per_device, size, placement.local_devices,
+                          setting, one_picture)
 
         sched_state = self.scheduler.set_timesteps(steps, (per_device, *latent_shape[1:], latent_shape[0]))
         warmup = sched_state.timesteps.shape[0] - steps
         key_data = np.asarray(jax.random.key_data(picture_keys(seed, indices)))  # [B*k, 2]
-        whole = placement.replicated_sharding
         with _CALLBACKS.active(callback) as call_id:
-            scalars = jax.device_put((jnp.float32(guidance), jnp.float32(eta), sched_state, jnp.int32(callback_steps),
-                                      jnp.int32(warmup), jnp.int32(call_id)), whole)
+            scalars = placement.whole((np.float32(guidance), np.float32(eta), sched_state, np.int32(callback_steps),
+                                       np.int32(warmup), np.int32(call_id)))
             out = executable(models, placement.split(pixel_values[rows]), placement.split(key_data),
                              None if latents is None else placement.split(latents), *scalars)
-            images = np.array(out.images)  # [B*k, H, W, 3], writable: flagged ones are blacked out
-            step = np.asarray(out.nonfinite_step)
-            decoded = np.asarray(out.decoded_finite)
+            # This process's pictures only (all of them in a single process): [local slots, H, W, 3],
+            # writable, as flagged ones are blacked out.
+            images = np.array(placement.local(out.images))
+            step = placement.local(out.nonfinite_step)
+            decoded = placement.local(out.decoded_finite)
         timesteps = np.asarray(sched_state.timesteps)
         where = [None if first < 0 and ok else f"step {first} (timestep {timesteps[first]})" if first >= 0
                  else "decoding" for first, ok in zip(step.tolist(), decoded.tolist())]
@@ -523,17 +538,25 @@ class ImageVariationPipeline:
         images[bad] = 0.0
         flags = None
         if self.safety_checker is not None:
-            flags = self._check_safety(placement, params, stacked, self._safety_inputs(images))
+            checked = self._safety_inputs(images)  # [local slots, 3, S, S]
+            batch = np.zeros((n_out, *checked.shape[1:]), np.float32)
+            batch[placement.local_slots(n_out)] = checked
+            flags = self._check_safety(placement, params, stacked, batch)
             images[flags] = 0.0
         return images, flags, where
 
     @staticmethod
     def _output(images: np.ndarray, flags: np.ndarray | None, where: list[str | None], indices: np.ndarray,
-                output_type: str) -> ImageVariationOutput:
-        """The call's output; ``NonFiniteError`` carrying it when any picture went non-finite."""
+                slots: np.ndarray, count: int, output_type: str) -> ImageVariationOutput:
+        """The call's output from this process's pictures, at positions ``slots`` (padding past ``count`` dropped);
+        ``NonFiniteError`` carrying it when any of them went non-finite."""
+        real = slots < count
+        images, slots = images[real], slots[real]
+        where = [w for w, r in zip(where, real) if r]
         output = ImageVariationOutput(images=to_pil(images) if output_type == "pil" else images,
-                                      nsfw_content_detected=None if flags is None else [bool(x) for x in flags])
-        bad = {int(indices[p]): w for p, w in enumerate(where) if w is not None}
+                                      nsfw_content_detected=None if flags is None else [bool(x) for x in flags[real]],
+                                      pictures=slots.tolist())
+        bad = {int(indices[p]): w for p, w in zip(slots, where) if w is not None}
         if bad:
             raise NonFiniteError(_nonfinite_message(bad), pictures=bad, output=output)
         return output
@@ -611,7 +634,8 @@ class ImageVariationPipeline:
             placement, params, stacked, k, pixel_values.reshape(n_in, 3, s, s), np.arange(n_in), plan.index, latents,
             prng_seed, steps, guidance, eta, size, callback, callback_steps,
             "num_images_per_prompt" if k > 1 else "pixel_values")
-        return self._output(images, flags, where, plan.index, output_type)
+        return self._output(images, flags, where, plan.index, placement.local_slots(len(plan.index)), plan.count,
+                            output_type)
 
     def _safety_inputs(self, images: np.ndarray) -> np.ndarray:
         """The safety checker sees what diffusers gives it: 8-bit pictures through the CLIP processor."""
@@ -654,9 +678,17 @@ class ImageVariationPipeline:
         if slots is not None and slots > MAX_PICTURES_PER_DEVICE * len(placement):
             raise SettingsError(f"slots: {slots} is more than {MAX_PICTURES_PER_DEVICE} pictures per device on "
                                 f"{len(placement)} devices")
-        pixel_values = self.prepare_inputs(images, preprocessing)
+        planned: list[PicturePlan] = []
+
+        def needed(n: int) -> np.ndarray:
+            # Each process prepares only the inputs its own devices vary (every input in a single process).
+            planned.append(picture_plan(n, k, first_index, multiple=len(placement), slots=slots))
+            return planned[0].inputs[placement.local_slots(len(planned[0].source))]
+
+        pixel_values = self.prepare_inputs(images, preprocessing, only=needed)
+        (plan,) = planned
         n = pixel_values.shape[0]
-        plan = picture_plan(n, k, first_index, multiple=len(placement), slots=slots)
+        mine = placement.local_slots(len(plan.source))
         if latents is not None:
             f = self.vae_scale_factor
             latents = self._check_latents(
@@ -665,9 +697,7 @@ class ImageVariationPipeline:
         setting = "slots" if slots is not None else "num_images_per_prompt" if k > 1 else "images"
         images, flags, where = self._run(placement, params, stacked, 1, pixel_values, plan.inputs, plan.index, latents,
                                          seed, steps, guidance, eta, size, callback, callback_steps, setting)
-        count = plan.count
-        return self._output(images[:count], None if flags is None else flags[:count], where[:count],
-                            plan.index[:count], output_type)
+        return self._output(images, flags, where, plan.index, mine, plan.count, output_type)
 
 
 def _check_seed(seed: Any, name: str) -> int | jax.Array:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any, Callable, Iterable, Mapping
 
 import numpy as np
 from PIL import ExifTags, Image, ImageOps
@@ -429,7 +429,8 @@ def _v2_one(picture: Image.Image | np.ndarray, side: int, where: str) -> np.ndar
 
 
 def prepare_inputs(images: Any, preprocessing: str = "clip", *, size: int = 224,
-                   feature_extractor_config: Mapping[str, Any] | None = None) -> np.ndarray:
+                   feature_extractor_config: Mapping[str, Any] | None = None,
+                   only: Callable[[int], Iterable[int]] | None = None) -> np.ndarray:
     """Pictures -> float32 pixel values ``[N, 3, S, S]`` for the CLIP image encoder.
 
     ``preprocessing``: ``"clip"`` (the checkpoint's ``feature_extractor_config``, i.e. transformers'
@@ -449,6 +450,9 @@ def prepare_inputs(images: Any, preprocessing: str = "clip", *, size: int = 224,
     axis of 3 third from the end means pixel values, whose last two axes must then be ``(S, S)``.
     A shape both could read (only possible when S is 1, 3 or 4) is refused. For ``"clip"``, float
     pictures are rounded to 8 bits first, since PIL resamples 8-bit pictures.
+
+    ``only(N)``, called once with the number of pictures: which of them to prepare; the other rows
+    are left zero (a process of a multi-process job prepares just the inputs its own devices use).
     """
     if preprocessing not in PREPROCESSINGS:
         raise ValueError(f"preprocessing: unknown {preprocessing!r} (choose one of {', '.join(PREPROCESSINGS)})")
@@ -458,17 +462,20 @@ def prepare_inputs(images: Any, preprocessing: str = "clip", *, size: int = 224,
         settings = clip_settings(feature_extractor_config, side)
         side = settings.output_size[0]
     collected = _collect(images, side)
+    count = collected.shape[0] if isinstance(collected, np.ndarray) else len(collected)
+    wanted = range(count) if only is None else sorted(set(int(i) for i in only(count)))
     if isinstance(collected, np.ndarray):
-        return collected
-    rows = []
-    for i, picture in enumerate(collected):
+        return collected  # already pixel values: nothing left to prepare
+    out = np.zeros((len(collected), 3, side, side), np.float32)  # [N, 3, S, S]
+    for i in wanted:
         where = f"images[{i}]"
+        picture = collected[i]
         row = _clip_one(picture, settings, where) if settings is not None else _v2_one(picture, side, where)
         if row.shape[1:] != (side, side):
             raise ValueError(f"{where}: came out {row.shape[1]}x{row.shape[2]} after preprocessing, expected "
                              f"{side}x{side}: feature_extractor_config does not bring it to that size")
-        rows.append(row)
-    return np.stack(rows)  # [N, 3, S, S]
+        out[i] = row
+    return out
 
 
 def to_pil(images: Any) -> list[Image.Image]:

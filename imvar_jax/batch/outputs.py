@@ -148,9 +148,20 @@ def record(item: InputFile, sha256: str, j: int, resolved: GenerationSettings, n
             **resolved.to_json(), "nsfw": nsfw}
 
 
-def append_record(out: Path, entry: Mapping[str, Any]) -> None:
+def manifest_part(process_id: int) -> str:
+    """The file one process of a multi-process job appends its manifest lines to (hidden: not an output)."""
+    return f".{Path(MANIFEST).stem}-process-{process_id}.jsonl"
+
+
+def _manifest_parts(out: Path) -> list[Path]:
+    prefix, _ = manifest_part(0).split("0", 1)
+    return sorted(p for p in out.glob(f"{prefix}*.jsonl") if p.is_file() and not p.is_symlink())
+
+
+def append_record(out: Path, entry: Mapping[str, Any], name: str = MANIFEST) -> None:
+    """Append ``entry`` to OUT's manifest, or to the part file ``name`` of one process of a job."""
     # O_NOFOLLOW: a link planted at the manifest's name must not send the line elsewhere.
-    fd = os.open(out / MANIFEST, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
+    fd = os.open(out / name, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o666)
     with os.fdopen(fd, "a", encoding="utf-8") as f:
         f.write(json.dumps(entry) + "\n")
         f.flush()
@@ -187,9 +198,14 @@ def rewrite_manifest(out: Path, current: Mapping[str, Mapping[str, Any]],
                      others: Mapping[str, Mapping[str, str]]) -> None:
     """One line per variation PNG present: this run's record, else (for ``others``, the earlier outputs of
     inputs not in this run, with their chunks) the old line if it still describes the file, else one built
-    from the file's chunks; sorted. So the manifest lists exactly the variation files in OUT."""
+    from the file's chunks; sorted. So the manifest lists exactly the variation files in OUT.
+
+    Old lines are the manifest's and those of the processes' part files (``manifest_part``), which are
+    merged in and removed: the part files of a job that has finished writing, or of a killed one.
+    """
     path = out / MANIFEST
-    old = {r["path"]: r for r in read_manifest(path)}
+    parts = _manifest_parts(out)
+    old = {r["path"]: r for f in [path, *parts] for r in read_manifest(f)}
     records = dict(current)
     for rel, text in others.items():
         if rel in records:
@@ -202,6 +218,7 @@ def rewrite_manifest(out: Path, current: Mapping[str, Mapping[str, Any]],
             records[rel] = entry
     kept = [r for p, r in records.items() if (out / p).is_file()]
     if not kept and not path.exists():
+        _remove(parts)
         return
 
     def order(entry: Mapping[str, Any]) -> tuple[str, int, str]:
@@ -211,6 +228,12 @@ def rewrite_manifest(out: Path, current: Mapping[str, Mapping[str, Any]],
     body = "".join(json.dumps(r) + "\n" for r in sorted(kept, key=order)).encode()
     if not (path.is_file() and path.read_bytes() == body):
         atomic_write(path, lambda f: f.write(body))
+    _remove(parts)
+
+
+def _remove(paths: Sequence[Path]) -> None:
+    for p in paths:
+        p.unlink(missing_ok=True)
 
 
 # ----------------------------------------------------------------------
@@ -244,9 +267,17 @@ class OutFolder:
     _lock: int | None = None
 
     @classmethod
-    def open(cls, path: Path) -> "OutFolder":
-        """Create and lock ``path``; raise OutputError (naming it) when it cannot be written or is in use."""
+    def open(cls, path: Path, *, lock: bool = True) -> "OutFolder":
+        """Create and lock ``path``; raise OutputError (naming it) when it cannot be written or is in use.
+
+        ``lock`` False: use a folder that a process of the same job has opened (and locked) already:
+        no lock, no clearing, no survey.
+        """
         shown = printable(str(path))
+        if not lock:
+            if not path.is_dir() or not os.access(path, os.W_OK | os.X_OK):
+                raise OutputError(f"out: cannot write into {shown} (missing, or permission denied)")
+            return cls(Path(os.path.realpath(path)))
         try:
             path.mkdir(parents=True, exist_ok=True)
             # The lock is on the folder itself, so a run leaves no lock file behind.
@@ -278,10 +309,10 @@ class OutFolder:
             os.close(self._lock)  # releases the lock
             self._lock = None
 
-    def _survey(self) -> None:
-        """Remove a killed run's temporary files; note every earlier output's chunks."""
+    def _survey(self, clear: bool = True) -> None:
+        """Remove a killed run's temporary files (``clear``); note every earlier output's chunks."""
         for entry in sorted(os.scandir(self.path), key=lambda e: e.name):
-            if entry.name.startswith(_TMP_PREFIX) and entry.is_file(follow_symlinks=False):
+            if clear and entry.name.startswith(_TMP_PREFIX) and entry.is_file(follow_symlinks=False):
                 self._remove_temporary(entry.path)
             if entry.name.startswith(".") or not entry.is_dir(follow_symlinks=False):
                 continue
@@ -291,9 +322,16 @@ class OutFolder:
                 continue  # reported when an input needs this folder
             for f in files:
                 if f.name.startswith(_TMP_PREFIX) and f.is_file(follow_symlinks=False):
-                    self._remove_temporary(f.path)
+                    if clear:
+                        self._remove_temporary(f.path)
                 elif (f.name == GRID or _VARIATION.match(f.name)) and (text := png_chunks(Path(f.path))):
                     self.outputs[f"{entry.name}/{f.name}"] = text
+
+    def present(self) -> dict[str, dict[str, str]]:
+        """The imvar-jax outputs in OUT now, with their chunks (other processes of a job wrote some of them)."""
+        now = OutFolder(self.path)
+        now._survey(clear=False)
+        return now.outputs
 
     def _remove_temporary(self, path: str) -> None:
         try:
@@ -349,7 +387,7 @@ class OutFolder:
             except OSError:
                 pass
         self.outputs.clear()
-        (self.path / MANIFEST).unlink(missing_ok=True)
+        _remove([self.path / MANIFEST, *_manifest_parts(self.path)])
         return removed
 
     def folder(self, name: str) -> Path:

@@ -4,11 +4,21 @@ Three threads share the work. A reader thread reads each input once (hashing the
 checks its outputs, and decodes and preprocesses the inputs that still need something, at most
 one batch ahead of the devices. The main thread runs one program call per batch. A writer
 thread encodes and writes the PNGs, manifest lines and grids of the batch before.
+
+A job over several processes (``imvar_jax.distributed``) runs the same command in every process
+over the same inputs and one shared OUT. The inputs are planned a chunk at a time, each process
+reading its share, and the plans are exchanged, so every process forms the same batches and makes
+the same program calls over the devices of all of them. An input's pictures all lie on one device
+(a call holds ``batch_size`` inputs per device), so each process prepares only the inputs its own
+devices vary and writes their pictures and grids. Process 0 alone locks OUT, clears it and checks
+it against the settings; each process appends its manifest lines to its own part file, and
+process 0 merges them into the manifest once every process has written.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import sys
 import time
@@ -22,7 +32,7 @@ import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
-from .. import hub
+from .. import distributed, hub
 from ..errors import NonFiniteError
 from ..memory import GIB, InsufficientMemoryError
 from ..parallel import Placement
@@ -31,6 +41,7 @@ from ..preprocessing import to_pil, to_rgb
 from ..settings import GenerationSettings, SettingsError
 from . import outputs
 from .inputs import GRID, InputError, InputFile, collect_inputs, decode_image, printable, read_input
+from .outputs import manifest_part
 from .outputs import OutFolder, OutputError
 
 
@@ -62,6 +73,8 @@ class _Work:
     grid: bool
     pixel_values: np.ndarray | None = None  # [1, 3, S, S] when variations are missing
     thumbnail: Image.Image | None = None  # the input at the output size, for the grid
+    prepared: bool = False  # whether this process read and prepared it (another process may have planned it)
+    failed: bool = False  # it could not be prepared here: this process writes none of its pictures
 
 
 @dataclass
@@ -86,17 +99,38 @@ class _Runner:
         self.settings = settings
         self.report = report
         self.note = note
-        self.progress = progress
-        self.devices = list(Placement.of(devices).devices)
+        self.job = distributed.current()
+        self.progress = progress and self.job.is_main
+        self.placement = Placement.of(devices)
+        self.devices = list(self.placement.devices)
         self.summary = RunSummary()
         self.records: dict[str, dict[str, Any]] = {}
         self.bar: tqdm | None = None  # set while generating
 
     def open_folder(self) -> None:
-        self.folder = OutFolder.open(self.out)
+        """Process 0 opens (creates, locks, clears, surveys) OUT; the others use it once process 0 is done."""
+        self.folder = OutFolder.open(self.out, lock=self.job.is_main)
         if self.folder.removed_temporary:
             self.note(f"removed {self.folder.removed_temporary} temporary file(s) left by an interrupted run "
                       f"in {printable(str(self.out))}")
+
+    def main_first(self, name: str, step: Callable[[], None]) -> None:
+        """``step`` on process 0, then on the others (a single process: just ``step``). An OutputError on
+        process 0 is raised on every process, with its message."""
+        if not self.job.is_multiprocess:
+            step()
+            return
+        error = None
+        if self.job.is_main:
+            try:
+                step()
+            except OutputError as e:
+                error = str(e)
+        error = distributed.agree(name, error)
+        if error is not None:
+            raise OutputError(error)
+        if not self.job.is_main:
+            step()
 
     def fail(self, display: str, reason: str) -> None:
         self.summary.failures.append((display, reason))
@@ -145,24 +179,63 @@ class _Runner:
         if not missing and not grid:
             return None
         work = _Work(item, sha, missing, grid)
-        try:
-            picture = decode_image(data)
-            del data  # the decoded picture is all that is needed from here on
-            rgb = to_rgb(picture, name=item.display)
-            if missing:
-                work.pixel_values = pipe.prepare_inputs([rgb], resolved.preprocessing)
-            if grid:
-                work.thumbnail = rgb.resize((width, height), Image.Resampling.BICUBIC)
-        except InputError as e:
-            batch.failures.append((item.display, str(e)))
-            batch.dropped += len(missing)
-            return None
-        except Exception as e:  # EXIF, ICC and plugin code can raise anything on hostile bytes: this input fails
-            reason = printable(str(e).removeprefix(f"{item.display}: ")) or type(e).__name__
-            batch.failures.append((item.display, f"cannot use this picture ({reason})"))
+        reason = self.prepare(work, data, pipe, resolved, bool(missing), grid)
+        if reason is not None:
+            batch.failures.append((item.display, reason))
             batch.dropped += len(missing)
             return None
         return work
+
+    def prepare(self, work: _Work, data: bytes | None, pipe: ImageVariationPipeline, resolved: GenerationSettings,
+                pixels: bool, thumbnail: bool) -> str | None:
+        """Decode ``work``'s input (``data``, else read again and checked against its hash) into its pixel values
+        and/or grid thumbnail; the reason it cannot be used, or None."""
+        item = work.item
+        try:
+            if data is None:
+                data, sha = read_input(item.path)
+                if sha != work.sha256:
+                    raise InputError("changed while this run was going on; run again")
+            picture = decode_image(data)
+            del data  # the decoded picture is all that is needed from here on
+            rgb = to_rgb(picture, name=item.display)
+            if pixels:
+                work.pixel_values = pipe.prepare_inputs([rgb], resolved.preprocessing)
+            if thumbnail:
+                work.thumbnail = rgb.resize(resolved.size[::-1], Image.Resampling.BICUBIC)
+        except InputError as e:
+            return str(e)
+        except Exception as e:  # EXIF, ICC and plugin code can raise anything on hostile bytes: this input fails
+            reason = printable(str(e).removeprefix(f"{item.display}: ")) or type(e).__name__
+            return f"cannot use this picture ({reason})"
+        work.prepared = True
+        return None
+
+    def planned(self, items: list[InputFile], pipe: ImageVariationPipeline, resolved: GenerationSettings,
+                found: _Batch) -> Iterator[_Work]:
+        """The inputs that need something, in order. Several processes plan a chunk of inputs at a time, each its
+        own share (read, hashed, checked, prepared there), and exchange what they found, so every process
+        goes on with the same list; a work planned elsewhere carries no data here."""
+        job = self.job
+        if not job.is_multiprocess:
+            for item in items:
+                if (work := self.plan(item, pipe, resolved, found)) is not None:
+                    yield work
+            return
+        chunk_size = len(self.devices) * resolved.batch_size
+        for start in range(0, len(items), chunk_size):
+            chunk = items[start:start + chunk_size]
+            # Contiguous shares: with nothing done yet, the process that plans an input also makes its pictures.
+            mine = [item for pos, item in enumerate(chunk) if pos * job.num_processes // len(chunk) == job.process_id]
+            dropped_before = found.dropped
+            works = {w.item.index: w for item in mine if (w := self.plan(item, pipe, resolved, found)) is not None}
+            shared = distributed.gather(f"plan-{start}", {
+                "works": [[w.item.index, w.sha256, w.missing, w.grid] for w in works.values()],
+                "dropped": found.dropped - dropped_before})
+            by_index = {item.index: item for item in chunk}
+            found.dropped = dropped_before + sum(part["dropped"] for part in shared)  # the job's, for the bar
+            for index, sha, missing, grid in sorted(w for part in shared for w in part["works"]):
+                yield works.get(index) or _Work(by_index[index], sha, missing, grid)
 
     def batches(self, items: list[InputFile], pipe: ImageVariationPipeline, resolved: GenerationSettings,
                 ) -> Iterator[_Batch]:
@@ -174,15 +247,13 @@ class _Runner:
         grid_only: list[_Work] = []
 
         def take(works: list[_Work]) -> _Batch:
-            nonlocal found
-            batch, found = found, _Batch()
-            batch.works = works
+            # ``found`` stays one object, the one ``planned`` adds to; its contents move to the batch.
+            batch = _Batch(works, found.skipped, found.failures, found.dropped)
+            found.skipped, found.failures, found.dropped = [], [], 0
+            self.localize(batch, pipe, resolved)
             return batch
 
-        for item in items:
-            work = self.plan(item, pipe, resolved, found)
-            if work is None:
-                continue
+        for work in self.planned(items, pipe, resolved, found):
             (sampled if work.missing else grid_only).append(work)
             if len(sampled) == per_call:
                 yield take(sampled + grid_only)
@@ -192,6 +263,25 @@ class _Runner:
                 grid_only = []
         if sampled or grid_only or found.skipped or found.failures:
             yield take(sampled + grid_only)
+
+    def is_local(self, r: int) -> bool:
+        """Whether this process's devices vary the r-th sampled input of a call: device r // batch_size does."""
+        device = self.devices[r // self.settings.batch_size]
+        return device.process_index == self.job.process_id
+
+    def localize(self, batch: _Batch, pipe: ImageVariationPipeline, resolved: GenerationSettings) -> None:
+        """Make this process hold exactly what its devices need of ``batch``: works planned by another process
+        are prepared here, those another process's devices vary are let go."""
+        if not self.job.is_multiprocess:
+            return
+        for r, work in enumerate(batch.sampled):
+            if not self.is_local(r):
+                work.pixel_values = work.thumbnail = None
+            elif not work.prepared:
+                reason = self.prepare(work, None, pipe, resolved, True, work.grid)
+                if reason is not None:
+                    work.failed = True
+                    batch.failures.append((work.item.display, reason))
 
     # -- main thread -----------------------------------------------------
 
@@ -207,17 +297,22 @@ class _Runner:
             self.bar.refresh()
 
     def sample(self, works: list[_Work], pipe: ImageVariationPipeline, params: dict[str, Any],
-               resolved: GenerationSettings) -> tuple[np.ndarray, list[bool] | None, dict[int, str]]:
+               resolved: GenerationSettings) -> tuple[dict[int, np.ndarray], dict[int, bool] | None, dict[int, str]]:
         """One program call for ``works``' pictures, padded to the same picture count every call (one compile).
 
-        Also returns the pictures (by global index) that went non-finite, with where: those are not written.
+        Returns this process's pictures and their safety flags by position ``r*k + j``, and the pictures (by
+        global index) that went non-finite, with where: those are not written.
         """
         s = resolved
         k = s.num_images_per_prompt
         height, width = s.size
+        side = pipe.image_encoder.config.image_size
+        # Rows this process's devices do not use may hold anything: zeros for works prepared elsewhere.
+        pixel_values = np.concatenate([np.zeros((1, 3, side, side), np.float32) if w.pixel_values is None
+                                       else w.pixel_values for w in works])
         try:
             result = pipe.generate(
-                np.concatenate([w.pixel_values for w in works]), params, s.seed, num_images_per_prompt=k,
+                pixel_values, params, s.seed, num_images_per_prompt=k,
                 first_index=[outputs.picture_index(w.item, 0, k) for w in works], devices=self.devices,
                 slots=len(self.devices) * s.batch_size * k, num_inference_steps=s.steps, guidance_scale=s.guidance,
                 height=height, width=width, eta=s.eta, preprocessing=s.preprocessing)
@@ -232,23 +327,32 @@ class _Runner:
                                 f"need {e.needed / GIB:.1f} GiB per device, {e.available / GIB:.1f} GiB free; at "
                                 f"most {e.fits} picture(s) per device fit: lower --batch-size or --num-per-image"
                                 ) from None
-        return result.images, result.nsfw_content_detected, bad
+        self.bar.update(sum(len(w.missing) for w in works))
+        # By position r*k + j among this call's pictures: this process's own (all of them in a single process).
+        positions = range(len(result.images)) if result.pictures is None else result.pictures
+        rows = {p: i for i, p in enumerate(positions)}
+        images = {p: result.images[i] for p, i in rows.items()}
+        flags = None if result.nsfw_content_detected is None else \
+            {p: result.nsfw_content_detected[i] for p, i in rows.items()}
+        return images, flags, bad
 
     # -- writer thread ---------------------------------------------------
 
-    def write(self, batch: _Batch, images: np.ndarray | None, flags: list[bool] | None, bad: dict[int, str],
-              resolved: GenerationSettings) -> None:
+    def write(self, batch: _Batch, images: dict[int, np.ndarray], flags: dict[int, bool] | None,
+              bad: dict[int, str], resolved: GenerationSettings) -> None:
         """Each missing variation as a PNG, then its manifest line; then the input's grid from the same pictures.
+        In a job, each process writes the inputs its devices varied, and the grids of those it planned.
 
         An input whose pictures went non-finite, or whose folder cannot be written, fails alone.
         """
         k = resolved.num_images_per_prompt
-        height, width = resolved.size
         r = 0  # the work's place among the sampled ones
         for work in batch.works:
             item = work.item
             fresh: dict[int, Image.Image] = {}
             try:
+                if work.failed or not (self.is_local(r) if work.missing else work.prepared):
+                    continue  # failed here already, or another process's to write
                 nonfinite = [f"picture {n}: {bad[n]}" for n in
                              (outputs.picture_index(item, j, k) for j in work.missing) if n in bad]
                 if nonfinite:
@@ -261,23 +365,31 @@ class _Runner:
                     outputs.write_png(folder / f"{j}.png", picture,
                                       outputs.output_text(resolved, work.sha256, outputs.picture_index(item, j, k),
                                                           nsfw))
-                    entry = outputs.record(item, work.sha256, j, resolved, nsfw)
-                    outputs.append_record(self.folder.path, entry)
-                    self.records[entry["path"]] = entry
+                    self.add_record(outputs.record(item, work.sha256, j, resolved, nsfw))
                     self.summary.done += 1
-                    self.bar.update(1)
                     fresh[j] = picture
                 if work.grid:
-                    tiles = [work.thumbnail] + [fresh[j] if j in fresh else _read_rgb(folder / f"{j}.png")
-                                                for j in range(k)]
-                    outputs.write_png(folder / GRID, outputs.contact_sheet(tiles, (width, height)),
-                                      outputs.output_text(resolved, work.sha256, outputs.grid_index(item, k),
-                                                          grid=True))
+                    self.write_grid(work, folder, fresh, resolved)
             except (InputError, OutputError) as e:
                 self.fail(item.display, str(e))
             finally:
                 r += 1 if work.missing else 0
                 work.pixel_values = work.thumbnail = None
+
+    def write_grid(self, work: _Work, folder: Path, fresh: dict[int, Image.Image], resolved: GenerationSettings,
+                   ) -> None:
+        k = resolved.num_images_per_prompt
+        tiles = [work.thumbnail] + [fresh[j] if j in fresh else _read_rgb(folder / f"{j}.png") for j in range(k)]
+        outputs.write_png(folder / GRID, outputs.contact_sheet(tiles, resolved.size[::-1]),
+                          outputs.output_text(resolved, work.sha256, outputs.grid_index(work.item, k), grid=True))
+
+    def add_record(self, entry: dict[str, Any]) -> None:
+        """Note a variation's manifest line, on disk at once (a job's processes each in their own part file)."""
+        if self.job.is_multiprocess:
+            outputs.append_record(self.folder.path, entry, manifest_part(self.job.process_id))
+        else:
+            outputs.append_record(self.folder.path, entry)
+        self.records[entry["path"]] = entry
 
     # -- the run ---------------------------------------------------------
 
@@ -305,6 +417,8 @@ class _Runner:
                     pending.result()
         finally:
             self.bar.close()
+        if self.job.is_multiprocess:
+            distributed.barrier("written")  # so that process 0 merges complete part files
 
     def run(self, items: list[InputFile], start_over: bool) -> RunSummary:
         s = self.settings
@@ -313,23 +427,43 @@ class _Runner:
             s.model, revision=s.revision, scheduler=s.scheduler, dtype=s.dtype, vae_dtype=s.vae_dtype,
             attention=s.attention, safety_checker=s.safety_checker, devices=self.devices)
         resolved = pipe.resolve(s, hub.recorded_revision(s.model, s.revision))
-        if self.folder is None:
-            self.open_folder()
-        if start_over:
-            removed = self.folder.start_over()
-            if removed:
-                self.note(f"--start-over: removed {removed} earlier output(s) from {printable(str(self.out))}")
-        elif (conflict := self.folder.conflicts(resolved, resolved=True)) is not None:
-            raise OutputError(conflict)
+
+        def ready() -> None:
+            if self.folder is None:
+                self.open_folder()
+            if not self.job.is_main:
+                return
+            if start_over:
+                removed = self.folder.start_over()
+                if removed:
+                    self.note(f"--start-over: removed {removed} earlier output(s) from {printable(str(self.out))}")
+            elif (conflict := self.folder.conflicts(resolved, resolved=True)) is not None:
+                raise OutputError(conflict)
+
+        self.main_first("out-ready", ready)
         start = time.perf_counter()
         try:
             self.generate(items, pipe, params, resolved)
         finally:
-            # Even when the run stops early, the manifest ends up describing exactly the files present.
-            earlier = {rel: text for rel, text in self.folder.outputs.items() if Path(rel).name != GRID}
-            outputs.rewrite_manifest(self.folder.path, self.records, earlier)
+            # Even when the run stops early, the manifest ends up describing exactly the files present: in a
+            # job, process 0 merges every process's lines once all have written (or it stopped waiting).
+            if not self.job.is_multiprocess:
+                earlier = {rel: text for rel, text in self.folder.outputs.items() if Path(rel).name != GRID}
+                outputs.rewrite_manifest(self.folder.path, self.records, earlier)
+            elif self.job.is_main:
+                present = {rel: text for rel, text in self.folder.present().items() if Path(rel).name != GRID}
+                outputs.rewrite_manifest(self.folder.path, self.records, present)
         self.summary.seconds = time.perf_counter() - start
+        if self.job.is_multiprocess:
+            self.summary = _job_summary(self.summary)
         return self.summary
+
+
+def _job_summary(mine: RunSummary) -> RunSummary:
+    """The whole job's summary, the same on every process (each process reported its own failures)."""
+    parts = distributed.gather("summary", [mine.done, mine.skipped, mine.failures, mine.seconds])
+    return RunSummary(done=sum(p[0] for p in parts), skipped=sum(p[1] for p in parts),
+                      failures=[tuple(f) for p in parts for f in p[2]], seconds=max(p[3] for p in parts))
 
 
 def _check_replaceable(path: Path) -> None:
@@ -347,6 +481,17 @@ def _read_rgb(path: Path) -> Image.Image:
             return image.convert("RGB")
     except Exception as e:
         raise InputError(f"cannot read {printable(str(path))} for the grid ({e})") from None
+
+
+def _check_same_inputs(items: list[InputFile]) -> None:
+    """Every process of a job must see the same inputs (the same command, the same files, the same working
+    folder), or their batches would differ."""
+    mine = hashlib.sha256("\0".join(f"{item.relative}" for item in items).encode()).hexdigest()
+    seen = distributed.gather("inputs", [mine, len(items)])
+    if any(digest != seen[0][0] for digest, _ in seen):
+        counts = ", ".join(f"process {p}: {n}" for p, (_, n) in enumerate(seen))
+        raise OutputError(f"inputs: the processes of this job found different inputs ({counts} inputs); run the "
+                          f"same command from the same folder on every host, over one shared file system")
 
 
 def _report_stderr(line: str) -> None:
@@ -379,21 +524,32 @@ def run_generate(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, se
         raise OutputError(f"out: {printable(str(out_dir))} exists and is not a folder")
     runner = _Runner(out_dir, settings, report or _report_stderr, note or _report_stderr,
                      sys.stderr.isatty() if progress is None else progress, devices)
+    job = runner.job
     items, misses = collect_inputs(inputs, exclude=out_dir)
+    if job.is_multiprocess:
+        _check_same_inputs(items)
     for spec, reason in misses:
-        runner.fail(spec, reason)
+        if job.is_main:
+            runner.fail(spec, reason)
+        else:  # counted by every process, reported by process 0
+            runner.summary.failures.append((spec, reason))
     if not items:
         return runner.summary
     # An existing OUT is locked and checked before the model loads; a new one is made only once the
     # model has loaded, so a run that fails before producing anything leaves nothing behind.
-    created = not os.path.lexists(out_dir)
-    try:
+    created = job.is_main and not os.path.lexists(out_dir)
+
+    def check() -> None:
         if out_dir.exists():
             runner.open_folder()
             if not start_over and (conflict := runner.folder.conflicts(settings, resolved=False)) is not None:
                 raise OutputError(conflict)
         else:
             outputs.check_creatable(out_dir)
+
+    try:
+        # The other processes of a job open OUT once process 0 has made and checked it.
+        runner.main_first("out-checked", check if job.is_main else (lambda: None))
         return runner.run(items, start_over)
     finally:
         if runner.folder is not None:
