@@ -42,6 +42,11 @@ def _generate(args: argparse.Namespace) -> int:
 
     name = "imvar-jax generate"
     try:
+        address, count, index = distributed.resolve(args.coordinator, args.num_processes, args.process_id)
+        if address is not None:
+            # JAX's runtime ends a process that cannot join with its own fatal message: say first what it waits for.
+            print(f"{name}: process {index} of {count} joining the job at {address} (waiting up to "
+                  f"{args.process_timeout} s for every process)", file=sys.stderr, flush=True)
         # Before anything touches a JAX device: joining a job must come first.
         job = distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed,
                                      timeout_s=args.process_timeout)

@@ -107,7 +107,11 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     ``timeout_s``: how long to wait for every process to join, and later for every process to
     reach each point the job's processes wait for one another at (``barrier``, ``agree``,
     ``gather``); a process silent for ``min(timeout_s, 100)`` s is declared dead by JAX.
-    On CPU devices the processes' collectives go through gloo.
+    A process that cannot register in time is ended by JAX's runtime itself (a fatal
+    ``DEADLINE_EXCEEDED ... RegisterTask`` log, exit by SIGABRT), and so are the survivors of a
+    process that dies, once it misses its heartbeats; errors JAX raises become DistributedError.
+    On CPU devices the processes' collectives go through gloo. Once joined, this process's first
+    device is JAX's default device.
     """
     global _timeout_s
     if isinstance(timeout_s, bool) or not isinstance(timeout_s, int) or timeout_s < 1:
@@ -132,6 +136,9 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                                    f"(every process must start with the same coordinator and process count): "
                                    f"{first}") from None
         raise DistributedError(f"could not join a cluster JAX detects: {first}") from None
+    # Eager operations (random weights, PRNG keys) would otherwise run on the job's first device,
+    # which only process 0 can reach.
+    jax.config.update("jax_default_device", jax.local_devices()[0])
     return current()
 
 

@@ -59,7 +59,7 @@ def _init_device() -> jax.Device:
     # Random normals are computed with backend-specific math; drawing them on the CPU gives
     # the same bits whichever accelerator the pipeline then runs on.
     try:
-        return jax.devices("cpu")[0]
+        return jax.local_devices(backend="cpu")[0]
     except RuntimeError:
         return jax.local_devices()[0]
 
