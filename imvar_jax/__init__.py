@@ -4,6 +4,7 @@
 from .convert.checkpoint import convert_checkpoint
 from .convert.common import ConversionError
 from .errors import NonFiniteError
+from .export import export_sample, export_unet
 from .memory import InsufficientMemoryError
 from .models.clip_vision import CLIPVisionConfig, CLIPVisionModelWithProjection
 from .models.config import ConfigError
@@ -42,6 +43,8 @@ __all__ = [
     "VAEConfig",
     "apply_cpu_flags",
     "convert_checkpoint",
+    "export_sample",
+    "export_unet",
     "image_keys",
     "make_scheduler",
     "prepare_inputs",

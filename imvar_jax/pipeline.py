@@ -21,6 +21,7 @@ from .hub import DEFAULT_MODEL
 from .loading import load_model
 from .models import abstract_params
 from .models.clip_vision import CLIPVisionModelWithProjection
+from .models.layers import target_platform
 from .models.safety_checker import SafetyChecker
 from .models.unet import UNet2DConditionModel
 from .models.vae import AutoencoderKL, sample_latent
@@ -137,6 +138,11 @@ class ImageVariationPipeline:
     def vae_scale_factor(self) -> int:
         return self.vae.config.scale_factor
 
+    @property
+    def platform(self) -> str:
+        """The platform this pipeline's programs are built for (see ``from_configs``)."""
+        return target_platform(self.unet.platform)
+
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike = DEFAULT_MODEL, *,
                         scheduler: str = "pndm", dtype: Any = None, vae_dtype: Any = None,
@@ -194,22 +200,24 @@ class ImageVariationPipeline:
                      platform: str | None = None) -> "ImageVariationPipeline":
         """The modules for component configs ``{"unet", "vae", "image_encoder"[, "safety_checker"]}``.
 
-        ``dtype``, ``vae_dtype`` and ``attention`` mean what they mean in ``from_pretrained``;
-        ``platform`` is the target devices' (default: the first local device's).
+        ``dtype``, ``vae_dtype`` and ``attention`` mean what they mean in ``from_pretrained``.
+        ``platform`` is the target devices' (``jax.Device.platform``, or ``"cuda"``/``"tpu"`` to
+        build programs for ``jax.export`` from another host; default: the first local device's):
+        dtype defaults and attention kernels are chosen for it, never for the tracing host.
         """
         platform = platform or jax.local_devices()[0].platform
         attention = _check_attention(attention, platform)
         dtype, vae_dtype = (jnp.dtype(d) for d in resolve_dtypes(dtype, vae_dtype, platform))
         checker = configs.get("safety_checker")
         return cls(
-            unet=UNet2DConditionModel(configs["unet"], dtype=dtype, attention_impl=attention),
+            unet=UNet2DConditionModel(configs["unet"], dtype=dtype, attention_impl=attention, platform=platform),
             # The VAE's one attention is a float32 head 512 wide, outside cuDNN's flash kernel.
             vae=AutoencoderKL(configs["vae"], dtype=vae_dtype,
-                              attention_impl="auto" if attention == "cudnn" else attention),
+                              attention_impl="auto" if attention == "cudnn" else attention, platform=platform),
             image_encoder=CLIPVisionModelWithProjection(configs["image_encoder"], dtype=dtype,
-                                                        attention_impl=attention),
+                                                        attention_impl=attention, platform=platform),
             safety_checker=(None if checker is None
-                            else SafetyChecker(checker, dtype=dtype, attention_impl=attention)),
+                            else SafetyChecker(checker, dtype=dtype, attention_impl=attention, platform=platform)),
             scheduler_config=scheduler_config,
             feature_extractor_config=feature_extractor_config,
             dtype=dtype,

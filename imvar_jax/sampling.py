@@ -12,6 +12,7 @@ failure is named by step and picture instead of surfacing later as a broken PNG.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Callable, NamedTuple
 
 import jax
@@ -43,8 +44,9 @@ class SampleOptions:
     scheduler: Any  # a schedulers.* object (frozen, hashable)
 
 
+@partial(jax.export.register_namedtuple_serialization, serialized_name="imvar_jax.sampling.Sampled")
 class Sampled(NamedTuple):
-    """What a sampling program returns, one entry per picture."""
+    """What a sampling program returns, one entry per picture (registered so exported programs serialize)."""
 
     images: jax.Array  # [N*k, H, W, 3] float32 in [0, 1]
     nonfinite_step: jax.Array  # [N*k] int32: the first loop step whose latents were NaN or inf, -1 if none

@@ -137,8 +137,8 @@ def test_forced_cudnn_runs_on_gpu():
     ("cudnn", "gpu", _F32, 40, {}, r"\(float32, head dim 40\)"),
     ("cudnn", "gpu", _F16, 36, {}, r"\(float16, head dim 36\).*multiple of 8"),
     ("cudnn", "gpu", _F16, 160, {"cudnn_max_head_dim": 128}, r"\(float16, head dim 160\).*<= 128"),
-    ("cudnn", "cpu", _F16, 40, {"cudnn_max_head_dim": 0}, r"needs a CUDA GPU .* backend is 'cpu'"),
-    ("cudnn", "tpu", _BF16, 64, {"cudnn_max_head_dim": 0}, r"needs a CUDA GPU .* backend is 'tpu'"),
+    ("cudnn", "cpu", _F16, 40, {"cudnn_max_head_dim": 0}, r"needs a CUDA GPU .* target is 'cpu'"),
+    ("cudnn", "tpu", _BF16, 64, {"cudnn_max_head_dim": 0}, r"needs a CUDA GPU .* target is 'tpu'"),
     ("cudnn", "gpu", _F16, 40, {"cudnn_max_head_dim": 0}, r"needs a CUDA GPU with cuDNN"),
     ("splash", "tpu", _BF16, 40, {"splash_available": False}, r"attention_impl='splash' needs .*splash_attention"),
     ("flash", "gpu", _F16, 40, {}, r"attention_impl='flash' is not one of"),
@@ -152,5 +152,5 @@ def test_forced_but_impossible_is_refused(impl, backend, dtype, head_dim, kwargs
 
 def test_forced_cudnn_is_refused_before_tracing_on_cpu():
     q = jnp.zeros((1, 64, 80), jnp.bfloat16)
-    with pytest.raises(ValueError, match=r"attention_impl='cudnn' needs a CUDA GPU .* backend is 'cpu'"):
+    with pytest.raises(ValueError, match=r"attention_impl='cudnn' needs a CUDA GPU .* target is 'cpu'"):
         dot_product_attention(q, q, q, 2, implementation="cudnn")

@@ -179,6 +179,7 @@ class CLIPAttention(nn.Module):
     config: CLIPVisionConfig
     dtype: jnp.dtype = jnp.float32
     attention_impl: AttentionImpl = "auto"
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -187,7 +188,8 @@ class CLIPAttention(nn.Module):
         k = nn.Dense(d, dtype=self.dtype, name="k_proj")(x)
         v = nn.Dense(d, dtype=self.dtype, name="v_proj")(x)
         # jax.nn.dot_product_attention's default scale is head_dim**-0.5, as CLIP's.
-        out = dot_product_attention(q, k, v, self.config.num_attention_heads, implementation=self.attention_impl)
+        out = dot_product_attention(q, k, v, self.config.num_attention_heads, implementation=self.attention_impl,
+                                    platform=self.platform)
         return nn.Dense(d, dtype=self.dtype, name="out_proj")(out)
 
 
@@ -208,12 +210,13 @@ class CLIPEncoderLayer(nn.Module):
     config: CLIPVisionConfig
     dtype: jnp.dtype = jnp.float32
     attention_impl: AttentionImpl = "auto"
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         eps = self.config.layer_norm_eps
         h = layer_norm(eps, self.dtype, "layer_norm1")(x)
-        x = x + CLIPAttention(self.config, self.dtype, self.attention_impl, name="self_attn")(h)
+        x = x + CLIPAttention(self.config, self.dtype, self.attention_impl, platform=self.platform, name="self_attn")(h)
         h = layer_norm(eps, self.dtype, "layer_norm2")(x)
         return x + CLIPMLP(self.config, self.dtype, name="mlp")(h)
 
@@ -222,11 +225,13 @@ class CLIPEncoder(nn.Module):
     config: CLIPVisionConfig
     dtype: jnp.dtype = jnp.float32
     attention_impl: AttentionImpl = "auto"
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         for i in range(self.config.num_hidden_layers):
-            x = CLIPEncoderLayer(self.config, self.dtype, self.attention_impl, name=f"layers_{i}")(x)
+            x = CLIPEncoderLayer(self.config, self.dtype, self.attention_impl,
+                                 platform=self.platform, name=f"layers_{i}")(x)
         return x
 
 
@@ -239,13 +244,14 @@ class CLIPVisionTransformer(nn.Module):
     config: CLIPVisionConfig
     dtype: jnp.dtype = jnp.float32
     attention_impl: AttentionImpl = "auto"
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, pixel_values: jax.Array) -> tuple[jax.Array, jax.Array]:
         eps = self.config.layer_norm_eps
         h = CLIPVisionEmbeddings(self.config, self.dtype, name="embeddings")(pixel_values)
         h = layer_norm(eps, self.dtype, "pre_layrnorm")(h)
-        h = CLIPEncoder(self.config, self.dtype, self.attention_impl, name="encoder")(h)
+        h = CLIPEncoder(self.config, self.dtype, self.attention_impl, platform=self.platform, name="encoder")(h)
         pooled = layer_norm(eps, self.dtype, "post_layernorm")(h[:, 0, :])
         return h, pooled
 
@@ -256,9 +262,10 @@ class CLIPVisionModelWithProjection(nn.Module):
     config: CLIPVisionConfig
     dtype: jnp.dtype = jnp.float32
     attention_impl: AttentionImpl = "auto"
+    platform: str | None = None
 
     def setup(self) -> None:
-        self.vision_model = CLIPVisionTransformer(self.config, self.dtype, self.attention_impl)
+        self.vision_model = CLIPVisionTransformer(self.config, self.dtype, self.attention_impl, platform=self.platform)
         self.visual_projection = nn.Dense(self.config.projection_dim, use_bias=False, dtype=self.dtype)
 
     def __call__(self, pixel_values: jax.Array) -> jax.Array:

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-# "auto" picks per backend and per call (see select_attention); the others force one implementation.
+# "auto" picks per target platform and per call (see select_attention); the others force one implementation.
 AttentionImpl = Literal["auto", "xla", "cudnn", "chunked", "splash"]
 ATTENTION_IMPLS: tuple[str, ...] = ("auto", "xla", "cudnn", "chunked", "splash")
 ResolvedAttention = Literal["xla", "cudnn", "chunked", "splash"]
@@ -40,15 +40,16 @@ _SPLASH_LANES = 128
 _SPLASH_BLOCKS = (512, 256, 128)
 
 
-def select_attention(implementation: AttentionImpl, backend: str, dtype: jax.typing.DTypeLike, tq: int, tk: int,
+def select_attention(implementation: AttentionImpl, platform: str, dtype: jax.typing.DTypeLike, tq: int, tk: int,
                      head_dim: int, *, cudnn_max_head_dim: int = _CUDNN_HEAD_DIM_MAX,
                      splash_available: bool = True) -> ResolvedAttention:
     """The attention implementation one call runs, given where and on what it runs.
 
-    ``backend`` is ``jax.default_backend()``; ``dtype`` the dtype attention computes in (after
-    any upcast). ``cudnn_max_head_dim`` is the widest head this GPU's cuDNN path takes (256 from
-    Hopper on, 128 before, 0 without cuDNN) and ``splash_available`` whether the Pallas splash
-    kernel imports; ``dot_product_attention`` probes both.
+    ``platform`` is the target devices' (``jax.Device.platform``, or an export platform such as
+    ``"cuda"``); ``dtype`` the dtype attention computes in (after any upcast).
+    ``cudnn_max_head_dim`` is the widest head the target's cuDNN path takes (256 from Hopper on,
+    128 before, 0 without cuDNN) and ``splash_available`` whether the Pallas splash kernel
+    imports; ``dot_product_attention`` asks JAX for both.
 
     "auto": on CPU, "chunked" from 512x512 scores per head (and always in float16), else "xla"; on GPU, "cudnn" where
     cuDNN's flash attention takes the dtype and head dim, else "chunked" for long sequences
@@ -63,19 +64,19 @@ def select_attention(implementation: AttentionImpl, backend: str, dtype: jax.typ
     if implementation not in ATTENTION_IMPLS:
         raise ValueError(f"attention_impl={implementation!r} is not one of {ATTENTION_IMPLS}")
     dtype = jnp.dtype(dtype)
-    gpu = backend in ("gpu", "cuda", "rocm")
+    gpu = platform in ("gpu", "cuda", "rocm")
     cudnn_fits = (dtype in _CUDNN_DTYPES and head_dim % _CUDNN_HEAD_DIM_MULTIPLE == 0
                   and head_dim <= (cudnn_max_head_dim or _CUDNN_HEAD_DIM_MAX))
     if implementation == "auto":
         long = tq * tk >= _CHUNK_MIN_SCORES
-        if backend == "tpu":
+        if platform == "tpu":
             return "splash" if splash_available else "xla"
         if gpu and cudnn_max_head_dim and cudnn_fits:
             return "cudnn"
-        if backend == "cpu" and dtype == jnp.float16:
+        if platform == "cpu" and dtype == jnp.float16:
             # XLA:CPU has no float16 dot with float32 accumulation, which jax.nn's XLA path asks for.
             return "chunked"
-        return "chunked" if long and (gpu or backend == "cpu") else "xla"
+        return "chunked" if long and (gpu or platform == "cpu") else "xla"
     if implementation == "cudnn":
         # The shape reason first: it holds on every machine, so it is the one worth fixing.
         if not cudnn_fits:
@@ -85,7 +86,7 @@ def select_attention(implementation: AttentionImpl, backend: str, dtype: jax.typ
                 f"{_CUDNN_HEAD_DIM_MULTIPLE} and <= {cudnn_max_head_dim or _CUDNN_HEAD_DIM_MAX}; "
                 f"pass attention_impl='auto' (picks per call) or 'xla'")
         if not (gpu and cudnn_max_head_dim):
-            raise ValueError(f"attention_impl='cudnn' needs a CUDA GPU with cuDNN but the backend is {backend!r}; "
+            raise ValueError(f"attention_impl='cudnn' needs a CUDA GPU with cuDNN but the target is {platform!r}; "
                              f"pass attention_impl='auto' (picks per call) or 'xla'")
         return "cudnn"
     if implementation == "splash" and not splash_available:
@@ -94,15 +95,34 @@ def select_attention(implementation: AttentionImpl, backend: str, dtype: jax.typ
     return implementation
 
 
-@functools.cache
-def _cudnn_max_head_dim() -> int:
-    """The widest head this process's GPU takes in cuDNN flash attention; 0 without a CUDA GPU."""
-    if jax.default_backend() not in ("gpu", "cuda"):
+def target_platform(platform: str | None) -> str:
+    """The platform a module builds its program for: ``platform``, or where it is None the default device's.
+
+    Models take the platform as a field (``from_configs(platform=...)`` sets it from the devices
+    a pipeline runs on, or from an export target), so a program lowered for ``cuda`` or ``tpu`` on
+    a CPU host gets that target's kernels, not the host's. None is for modules applied directly
+    under ``jax.jit`` on the process's default devices.
+    """
+    return platform if platform is not None else jax.devices()[0].platform
+
+
+def _cudnn_max_head_dim(platform: str) -> int:
+    """The widest head cuDNN flash attention takes on ``platform``'s GPUs; 0 off CUDA or without cuDNN.
+
+    It asks JAX's own cuDNN helpers, which ``jax.nn.dot_product_attention(implementation="cudnn")``
+    consults too, so the two never disagree: they read the local cuDNN and the first local GPU's
+    compute capability (an export target without a local GPU pins those, tests/test_export.py).
+    Not cached, as the answer is the helpers' and cheap.
+    """
+    if platform not in ("gpu", "cuda"):
         return 0
-    major, _, minor = str(getattr(jax.devices()[0], "compute_capability", "")).partition(".")
-    if not (major.isdigit() and minor.isdigit()):  # ROCm reports gfx names and has no cuDNN
+    try:
+        helpers = importlib.import_module("jax._src.cudnn.fused_attention_stablehlo")
+        helpers.check_cudnn_version()  # raises where this jaxlib has no cuDNN
+        hopper = helpers.check_compute_capability("9.0")
+    except (ImportError, AttributeError, RuntimeError):
         return 0
-    return _CUDNN_HEAD_DIM_MAX if (int(major), int(minor)) >= (9, 0) else _CUDNN_HEAD_DIM_MAX_PRE_HOPPER
+    return _CUDNN_HEAD_DIM_MAX if hopper else _CUDNN_HEAD_DIM_MAX_PRE_HOPPER
 
 
 @functools.cache
@@ -132,11 +152,13 @@ def conv(features: int, kernel: int, dtype: jnp.dtype, name: str, stride: int = 
 
 
 def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: int,
-                          implementation: AttentionImpl = "auto", upcast: bool = False) -> jax.Array:
+                          implementation: AttentionImpl = "auto", upcast: bool = False,
+                          platform: str | None = None) -> jax.Array:
     """Multi-head softmax attention on ``[B, T, C]`` projections; returns ``[B, Tq, C]``.
 
     ``upcast`` computes scores and softmax in float32, as diffusers' ``upcast_attention``.
-    ``implementation`` is resolved per call by ``select_attention``.
+    ``implementation`` is resolved per call by ``select_attention`` for ``platform`` (see
+    ``target_platform``).
     """
     b, tq, c = q.shape
     tk = k.shape[1]
@@ -144,16 +166,17 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, num_heads: i
     out_dtype = q.dtype
     if upcast:
         q, k, v = (x.astype(jnp.float32) for x in (q, k, v))
-    backend = jax.default_backend()
-    impl = select_attention(implementation, backend, q.dtype, tq, tk, head_dim,
-                            cudnn_max_head_dim=_cudnn_max_head_dim(), splash_available=_splash_module() is not None)
+    platform = target_platform(platform)
+    impl = select_attention(implementation, platform, q.dtype, tq, tk, head_dim,
+                            cudnn_max_head_dim=_cudnn_max_head_dim(platform),
+                            splash_available=_splash_module() is not None)
     if impl == "chunked":
-        return _chunked_attention(q, k, v, num_heads, per_head=backend == "cpu").astype(out_dtype)
+        return _chunked_attention(q, k, v, num_heads, per_head=platform == "cpu").astype(out_dtype)
     q = q.reshape(b, tq, num_heads, head_dim)  # [B, Tq, N, H]
     k = k.reshape(b, tk, num_heads, head_dim)  # [B, Tk, N, H]
     v = v.reshape(b, tk, num_heads, head_dim)
     if impl == "splash":
-        out = _splash_attention(q, k, v, interpret=backend != "tpu")
+        out = _splash_attention(q, k, v, interpret=platform != "tpu")
     else:
         out = jax.nn.dot_product_attention(q, k, v, implementation=impl)
     return out.reshape(b, tq, c).astype(out_dtype)  # [B, Tq, C]

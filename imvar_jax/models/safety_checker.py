@@ -66,10 +66,12 @@ class CLIPVisionModel(nn.Module):
     config: CLIPVisionConfig
     dtype: jnp.dtype = jnp.float32
     attention_impl: AttentionImpl = "auto"
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, pixel_values: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return CLIPVisionTransformer(self.config, self.dtype, self.attention_impl, name="vision_model")(pixel_values)
+        return CLIPVisionTransformer(self.config, self.dtype, self.attention_impl,
+                                     platform=self.platform, name="vision_model")(pixel_values)
 
 
 def _cosine(a: jax.Array, b: jax.Array) -> jax.Array:
@@ -99,10 +101,12 @@ class SafetyChecker(nn.Module):
     config: SafetyCheckerConfig
     dtype: jnp.dtype = jnp.float32
     attention_impl: AttentionImpl = "auto"
+    platform: str | None = None
 
     def setup(self) -> None:
         d = self.config.projection_dim
-        self.vision_model = CLIPVisionModel(self.config.vision_config, self.dtype, self.attention_impl)
+        self.vision_model = CLIPVisionModel(self.config.vision_config, self.dtype, self.attention_impl,
+                                            platform=self.platform)
         self.visual_projection = nn.Dense(d, use_bias=False, dtype=self.dtype)
         self.concept_embeds = self.param("concept_embeds", nn.initializers.ones, (NUM_CONCEPTS, d))
         self.special_care_embeds = self.param("special_care_embeds", nn.initializers.ones, (NUM_SPECIAL_CARE, d))

@@ -243,6 +243,7 @@ class UNet2DConditionModel(nn.Module):
     config: UNetConfig
     dtype: jnp.dtype = jnp.float32
     attention_impl: AttentionImpl = "auto"
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, sample: jax.Array, timesteps: jax.Array | int | float,
@@ -280,11 +281,12 @@ class UNet2DConditionModel(nn.Module):
                 cfg.block_out_channels[i], layers[i], groups, eps, add_downsample=i < n - 1,
                 downsample_padding=cfg.downsample_padding,
                 transformer=spec(i) if kind == "CrossAttnDownBlock2D" else None,
-                dtype=self.dtype, attention_impl=self.attention_impl, name=f"down_blocks_{i}")(x, temb, context)
+                dtype=self.dtype, attention_impl=self.attention_impl, platform=self.platform,
+                name=f"down_blocks_{i}")(x, temb, context)
             skips.extend(block_skips)
 
         x = UNetMidBlock2DCrossAttn(spec(n - 1), groups, eps, self.dtype, self.attention_impl,
-                                    name="mid_block")(x, temb, context)
+                                    platform=self.platform, name="mid_block")(x, temb, context)
 
         for i, kind in enumerate(cfg.up_block_types):
             level = n - 1 - i
@@ -297,8 +299,8 @@ class UNet2DConditionModel(nn.Module):
             x = UpBlock2D(
                 cfg.block_out_channels[level], count, groups, eps, add_upsample=add_upsample,
                 transformer=spec(level) if kind == "CrossAttnUpBlock2D" else None,
-                dtype=self.dtype, attention_impl=self.attention_impl, name=f"up_blocks_{i}")(x, block_skips, temb,
-                                                                                             context, upsample_size)
+                dtype=self.dtype, attention_impl=self.attention_impl, platform=self.platform,
+                name=f"up_blocks_{i}")(x, block_skips, temb, context, upsample_size)
 
         x = nn.silu(group_norm(groups, eps, self.dtype, "conv_norm_out")(x))
         return conv(cfg.out_channels, 3, self.dtype, "conv_out")(x).astype(jnp.float32)

@@ -45,6 +45,7 @@ class Attention(nn.Module):
     upcast: bool = False
     dtype: jnp.dtype = jnp.float32
     attention_impl: AttentionImpl = "auto"
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array | None = None) -> jax.Array:
@@ -61,7 +62,8 @@ class Attention(nn.Module):
             b, t, c = x.shape
             return jnp.broadcast_to(to_out(v), (b, t, c))  # [B, T, C]
         q, k = to_q(x), to_k(context)
-        out = dot_product_attention(q, k, v, self.num_heads, self.attention_impl, self.upcast)  # [B, T, inner]
+        out = dot_product_attention(q, k, v, self.num_heads, self.attention_impl, self.upcast,
+                                    platform=self.platform)  # [B, T, inner]
         return to_out(out)
 
 
@@ -98,12 +100,14 @@ class BasicTransformerBlock(nn.Module):
     upcast: bool = False
     dtype: jnp.dtype = jnp.float32
     attention_impl: AttentionImpl = "auto"
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
         # x: [B, T, C], context: [B, S, D]
         def attn(name: str) -> Attention:
-            return Attention(self.num_heads, self.head_dim, self.upcast, self.dtype, self.attention_impl, name=name)
+            return Attention(self.num_heads, self.head_dim, self.upcast, self.dtype, self.attention_impl,
+                             platform=self.platform, name=name)
 
         def norm(name: str) -> nn.LayerNorm:
             return nn.LayerNorm(epsilon=_TRANSFORMER_LAYER_NORM_EPS, dtype=self.dtype, use_fast_variance=False,
@@ -121,6 +125,7 @@ class Transformer2DModel(nn.Module):
     groups: int
     dtype: jnp.dtype = jnp.float32
     attention_impl: AttentionImpl = "auto"
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, context: jax.Array) -> jax.Array:
@@ -138,7 +143,8 @@ class Transformer2DModel(nn.Module):
             x = conv(inner, 1, self.dtype, "proj_in")(x).reshape(b, h * w, inner)  # [B, H*W, inner]
         for i in range(self.spec.num_layers):
             x = BasicTransformerBlock(self.spec.num_heads, head_dim, self.spec.upcast_attention, self.dtype,
-                                      self.attention_impl, name=f"transformer_blocks_{i}")(x, context)
+                                      self.attention_impl, platform=self.platform,
+                                      name=f"transformer_blocks_{i}")(x, context)
         if self.spec.use_linear_projection:
             x = nn.Dense(c, dtype=self.dtype, name="proj_out")(x).reshape(b, h, w, c)  # [B, H, W, C]
         else:
@@ -162,6 +168,7 @@ class DownBlock2D(nn.Module):
     transformer: TransformerSpec | None = None
     dtype: jnp.dtype = jnp.float32
     attention_impl: AttentionImpl = "auto"
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array) -> tuple[jax.Array, list[jax.Array]]:
@@ -170,7 +177,7 @@ class DownBlock2D(nn.Module):
             x = ResnetBlock2D(self.out_channels, self.groups, self.eps, dtype=self.dtype, name=f"resnets_{i}")(x, temb)
             if self.transformer is not None:
                 x = Transformer2DModel(self.transformer, self.groups, self.dtype, self.attention_impl,
-                                       name=f"attentions_{i}")(x, context)
+                                       platform=self.platform, name=f"attentions_{i}")(x, context)
             skips.append(x)
         if self.add_downsample:
             x = Downsample2D(self.out_channels, self.downsample_padding, self.dtype, name="downsamplers_0")(x)
@@ -186,13 +193,14 @@ class UNetMidBlock2DCrossAttn(nn.Module):
     eps: float
     dtype: jnp.dtype = jnp.float32
     attention_impl: AttentionImpl = "auto"
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, temb: jax.Array, context: jax.Array) -> jax.Array:
         c = x.shape[-1]
         x = ResnetBlock2D(c, self.groups, self.eps, dtype=self.dtype, name="resnets_0")(x, temb)
         x = Transformer2DModel(self.transformer, self.groups, self.dtype, self.attention_impl,
-                               name="attentions_0")(x, context)
+                               platform=self.platform, name="attentions_0")(x, context)
         return ResnetBlock2D(c, self.groups, self.eps, dtype=self.dtype, name="resnets_1")(x, temb)
 
 
@@ -212,6 +220,7 @@ class UpBlock2D(nn.Module):
     transformer: TransformerSpec | None = None
     dtype: jnp.dtype = jnp.float32
     attention_impl: AttentionImpl = "auto"
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array, skips: list[jax.Array], temb: jax.Array, context: jax.Array,
@@ -223,7 +232,7 @@ class UpBlock2D(nn.Module):
             x = ResnetBlock2D(self.out_channels, self.groups, self.eps, dtype=self.dtype, name=f"resnets_{i}")(x, temb)
             if self.transformer is not None:
                 x = Transformer2DModel(self.transformer, self.groups, self.dtype, self.attention_impl,
-                                       name=f"attentions_{i}")(x, context)
+                                       platform=self.platform, name=f"attentions_{i}")(x, context)
         if self.add_upsample:
             x = Upsample2D(self.out_channels, self.dtype, name="upsamplers_0")(x, upsample_size)
         return x

@@ -116,6 +116,7 @@ class VAEAttention(nn.Module):
     groups: int
     dtype: jnp.dtype = jnp.float32
     attention_impl: AttentionImpl = "auto"
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -127,7 +128,8 @@ class VAEAttention(nn.Module):
         # diffusers builds this block with upcast_softmax: with one 512-wide head the logits
         # are large enough to lose precision in half types. Being float32 and that wide, it is
         # outside cuDNN flash attention, so attention_impl='cudnn' is refused (select_attention).
-        out = dot_product_attention(q, k, v, num_heads=1, implementation=self.attention_impl, upcast=True)
+        out = dot_product_attention(q, k, v, num_heads=1, implementation=self.attention_impl,
+                                    platform=self.platform, upcast=True)
         out = nn.Dense(c, dtype=self.dtype, name="to_out_0")(out)
         return x + out.reshape(b, h, w, c)  # [B, H, W, C]
 
@@ -139,13 +141,15 @@ class MidBlock(nn.Module):
     add_attention: bool = True
     dtype: jnp.dtype = jnp.float32
     attention_impl: AttentionImpl = "auto"
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         c = x.shape[-1]
         x = ResnetBlock2D(c, self.groups, _EPS, temb=False, dtype=self.dtype, name="resnets_0")(x)
         if self.add_attention:
-            x = VAEAttention(self.groups, self.dtype, self.attention_impl, name="attentions_0")(x)
+            x = VAEAttention(self.groups, self.dtype, self.attention_impl, platform=self.platform,
+                             name="attentions_0")(x)
         return ResnetBlock2D(c, self.groups, _EPS, temb=False, dtype=self.dtype, name="resnets_1")(x)
 
 
@@ -187,6 +191,7 @@ class Encoder(nn.Module):
     config: VAEConfig
     dtype: jnp.dtype = jnp.float32
     attention_impl: AttentionImpl = "auto"
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -197,7 +202,7 @@ class Encoder(nn.Module):
             x = DownEncoderBlock(c, cfg.layers_per_block, cfg.norm_num_groups, add_downsample=i < len(channels) - 1,
                                  dtype=self.dtype, name=f"down_blocks_{i}")(x)
         x = MidBlock(cfg.norm_num_groups, cfg.mid_block_add_attention, self.dtype, self.attention_impl,
-                     name="mid_block")(x)
+                     platform=self.platform, name="mid_block")(x)
         x = nn.silu(group_norm(cfg.norm_num_groups, _EPS, self.dtype, "conv_norm_out")(x))
         # Mean and log-variance, stacked on channels.
         return conv(2 * cfg.latent_channels, 3, self.dtype, "conv_out")(x)
@@ -207,6 +212,7 @@ class Decoder(nn.Module):
     config: VAEConfig
     dtype: jnp.dtype = jnp.float32
     attention_impl: AttentionImpl = "auto"
+    platform: str | None = None
 
     @nn.compact
     def __call__(self, z: jax.Array) -> jax.Array:
@@ -214,7 +220,7 @@ class Decoder(nn.Module):
         channels = tuple(reversed(cfg.block_out_channels))
         x = conv(channels[0], 3, self.dtype, "conv_in")(z)
         x = MidBlock(cfg.norm_num_groups, cfg.mid_block_add_attention, self.dtype, self.attention_impl,
-                     name="mid_block")(x)
+                     platform=self.platform, name="mid_block")(x)
         for i, c in enumerate(channels):
             # The decoder has one resnet more per block than the encoder.
             x = UpDecoderBlock(c, cfg.layers_per_block + 1, cfg.norm_num_groups, add_upsample=i < len(channels) - 1,
@@ -229,11 +235,12 @@ class AutoencoderKL(nn.Module):
     config: VAEConfig
     dtype: jnp.dtype = jnp.float32
     attention_impl: AttentionImpl = "auto"
+    platform: str | None = None
 
     def setup(self) -> None:
         cfg = self.config
-        self.encoder = Encoder(cfg, self.dtype, self.attention_impl)
-        self.decoder = Decoder(cfg, self.dtype, self.attention_impl)
+        self.encoder = Encoder(cfg, self.dtype, self.attention_impl, platform=self.platform)
+        self.decoder = Decoder(cfg, self.dtype, self.attention_impl, platform=self.platform)
         self.quant_conv = conv(2 * cfg.latent_channels, 1, self.dtype, "quant_conv") if cfg.use_quant_conv else None
         self.post_quant_conv = (conv(cfg.latent_channels, 1, self.dtype, "post_quant_conv")
                                 if cfg.use_post_quant_conv else None)

@@ -11,6 +11,7 @@ import functools
 import math
 from typing import Any, Mapping
 
+import jax
 import numpy as np
 
 from imvar_jax.errors import ConfigError
@@ -282,3 +283,19 @@ def check_timestep_range(timesteps: np.ndarray, config: SchedulerConfig) -> None
         raise ValueError(f"num_inference_steps: with timestep_spacing={config.timestep_spacing!r} and "
                          f"steps_offset={config.steps_offset} the schedule reaches timestep "
                          f"{int(timesteps.max())}, outside [0, {config.num_train_timesteps})")
+
+
+def exportable(state_class: type) -> type:
+    """Register a scheduler state (a ``flax.struct.dataclass``) for ``jax.export`` serialization.
+
+    Exported programs take the state as an argument, and ``Exported.serialize()`` refuses pytree
+    nodes it has no name for. These states have no static fields, so their aux data is empty.
+    """
+    def serialize(aux: Any) -> bytes:
+        if aux != ():
+            raise ValueError(f"{state_class.__name__}: unexpected static fields {aux!r}")
+        return b""
+
+    return jax.export.register_pytree_node_serialization(
+        state_class, serialized_name=f"imvar_jax.schedulers.{state_class.__name__}",
+        serialize_auxdata=serialize, deserialize_auxdata=lambda _: ())

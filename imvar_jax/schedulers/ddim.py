@@ -17,9 +17,10 @@ import numpy as np
 from flax import struct
 
 from .common import (SchedulerConfig, alphas_cumprod, check_num_inference_steps, check_sample_shape,
-                     check_timestep_range, descending_timesteps, final_alpha_cumprod)
+                     check_timestep_range, descending_timesteps, exportable, final_alpha_cumprod)
 
 
+@exportable
 @struct.dataclass
 class DDIMState:
     timesteps: jax.Array  # int32 [n]

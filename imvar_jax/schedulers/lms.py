@@ -19,11 +19,12 @@ from flax import struct
 from numpy.polynomial import Polynomial
 
 from .common import (SchedulerConfig, alphas_cumprod, check_num_inference_steps, check_sample_shape,
-                     descending_timesteps)
+                     descending_timesteps, exportable)
 
 ORDER = 4
 
 
+@exportable
 @struct.dataclass
 class LMSState:
     timesteps: jax.Array  # float32 [n]: fractional under "linspace" spacing, the UNet takes them as is

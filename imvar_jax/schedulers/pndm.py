@@ -25,13 +25,14 @@ import numpy as np
 from flax import struct
 
 from .common import (SchedulerConfig, alphas_cumprod, check_num_inference_steps, check_sample_shape,
-                     check_timestep_range, descending_timesteps, final_alpha_cumprod)
+                     check_timestep_range, descending_timesteps, exportable, final_alpha_cumprod)
 
 # Combination rules, one per loop step (PNDMState.mode).
 _PLMS_FIRST, _PLMS_REDO, _AB2, _AB3, _AB4, _RK_STAGE1, _RK_STAGE23, _RK_STAGE4 = range(8)
 _ORDER = 4  # PLMS order: the history holds the last four noise estimates
 
 
+@exportable
 @struct.dataclass
 class PNDMState:
     timesteps: jax.Array  # int32 [L]: what the UNet sees at loop step i
