@@ -42,6 +42,9 @@ def _pin_cuda(capability: str) -> None:
 
 def main() -> None:
     args = parse_args()
+    from imvar_jax.xla_flags import apply_cpu_flags
+
+    apply_cpu_flags()
     import jax
 
     from imvar_jax import CLIPVisionConfig, ImageVariationPipeline, UNetConfig, VAEConfig
