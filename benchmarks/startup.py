@@ -6,8 +6,8 @@ new ``--out`` (so both sample; the second reads the programs the first compiled)
 wall time of each whole process (interpreter start, imports, loading, compiling or reading the
 cache, sampling, PNG writing) and the size of the compile cache the first one wrote.
 
-The CLI applies imvar-jax's adopted XLA:CPU flag itself; ``IMVAR_JAX_KEEP_XLA_FLAGS=1`` in the
-environment reaches both processes and measures XLA's defaults.
+The CLI runs on XLA's default flags unless ``IMVAR_JAX_FAST_CPU=1`` in the environment (which
+reaches both processes) makes it apply imvar-jax's opt-in XLA:CPU flag (imvar_jax/xla_flags.py).
 
     python benchmarks/startup.py [--model tiny] [--steps 2] [-- EXTRA GENERATE OPTIONS]
     python benchmarks/startup.py --model /tmp/bench/flax --steps 1 -- --size 256x256 --no-safety-checker
@@ -52,8 +52,8 @@ def main() -> None:
         base = [sys.executable, "-m", "imvar_jax.cli", "generate", str(picture), "--model", args.model,
                 "--steps", str(args.steps), "--num-per-image", "1", *args.extra]
         print(f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')}; {os.cpu_count()} cpus; "
-              f"XLA_FLAGS in the environment={os.environ.get('XLA_FLAGS', '')!r}, IMVAR_JAX_KEEP_XLA_FLAGS="
-              f"{os.environ.get('IMVAR_JAX_KEEP_XLA_FLAGS', '')!r}; code {code_version()}", flush=True)
+              f"XLA_FLAGS in the environment={os.environ.get('XLA_FLAGS', '')!r}, IMVAR_JAX_FAST_CPU="
+              f"{os.environ.get('IMVAR_JAX_FAST_CPU', '')!r}; code {code_version()}", flush=True)
         print("command: IMVAR_JAX_CACHE=<empty folder> " + " ".join(base[3:]) + " --out <new folder>", flush=True)
         seconds = {}
         for phase in ("cold", "warm"):

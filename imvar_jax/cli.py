@@ -110,7 +110,7 @@ def _info(args: argparse.Namespace) -> int:
 
     from . import __version__, hub
     from .precision import default_dtype
-    from .xla_flags import CPU_FLAGS, OPT_OUT
+    from .xla_flags import CPU_FLAGS, OPT_IN
 
     print(f"imvar-jax {__version__}, jax {jax.__version__}, jaxlib {jaxlib.__version__}, flax {flax.__version__}")
     print(f"devices (default backend {jax.default_backend()}):")
@@ -119,8 +119,9 @@ def _info(args: argparse.Namespace) -> int:
     platform = jax.local_devices()[0].platform
     dtype = args.dtype or default_dtype(platform)
     print(f"default dtype: {default_dtype(platform)} (for the {platform} devices generate uses)")
-    print(f"XLA_FLAGS: {os.environ.get('XLA_FLAGS', '')!r} (the imvar-jax command adds {' '.join(CPU_FLAGS)} "
-          f"unless {OPT_OUT}=1; see imvar_jax.xla_flags)")
+    print(f"XLA_FLAGS: {os.environ.get('XLA_FLAGS', '')!r} (with {OPT_IN}=1 the imvar-jax command adds "
+          f"{' '.join(CPU_FLAGS)}: faster on CPU, but pictures then depend on the device count; "
+          f"see imvar_jax.xla_flags)")
     print(f"imvar-jax cache: {hub.cache_dir()} (IMVAR_JAX_CACHE)")
     print(f"compile cache: {hub.compile_cache_dir()}")
     print(f"Hugging Face hub cache: {constants.HF_HUB_CACHE}")
@@ -207,10 +208,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from .convert.common import ConversionError
     from .models.config import ConfigError
-    from .xla_flags import apply_cpu_flags
+    from .xla_flags import apply_cpu_flags, asked_for
 
     # Before any JAX backend starts (parsing --help starts none): the flags take effect only then.
-    apply_cpu_flags()
+    if asked_for():
+        apply_cpu_flags()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -8,8 +8,9 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# The suite runs on the XLA:CPU flags the imvar-jax command adopts (tests/test_xla_flags.py checks
-# they keep the math); importing imvar_jax itself sets nothing.
-from imvar_jax.xla_flags import apply_cpu_flags  # noqa: E402
+# The suite runs on the XLA:CPU flags the imvar-jax command runs on: XLA's defaults, or with
+# IMVAR_JAX_FAST_CPU=1 the opt-in flag (tests/test_xla_flags.py checks it keeps the math).
+from imvar_jax.xla_flags import apply_cpu_flags, asked_for  # noqa: E402
 
-apply_cpu_flags()
+if asked_for():
+    apply_cpu_flags()

@@ -6,10 +6,9 @@ collectives go through gloo. A job of 2 processes x 4 devices must write the sam
 manifest as 1 process x 8 devices, finish a job another process count left half done, and fail
 within a bounded time when a process is missing.
 
-Measured on XLA:CPU (jax 0.10.2, 2 cores): the manifest, every grid and every PNG's metadata are
-byte-identical, but a process with 4 CPU devices does not always round like one with 8: one
-picture of 40 had one pixel one level (1/255) apart. ``_same_pictures`` therefore compares the
-metadata exactly and the pixels within one level, and counts the pictures that differ at all.
+The jobs run on XLA's default CPU flags: with the opt-in ``IMVAR_JAX_FAST_CPU`` flag XLA:CPU's
+convolutions round differently in processes with 4 and 8 devices (imvar_jax/xla_flags.py), and
+a picture or two of 40 came out one level apart; on the defaults every file is byte-identical.
 """
 
 from __future__ import annotations
@@ -28,6 +27,7 @@ import pytest
 from PIL import Image
 
 from imvar_jax.batch.inputs import MANIFEST
+from imvar_jax.xla_flags import CPU_FLAGS, OPT_IN
 
 DEVICES = 8
 INPUTS = 20  # three calls of 8 inputs: the job has a middle to be killed in
@@ -36,8 +36,9 @@ DEADLINE_S = 600
 
 
 def _env(devices: int) -> dict[str, str]:
-    env = dict(os.environ)
-    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+    env = {k: v for k, v in os.environ.items() if k != OPT_IN}
+    dropped = ("--xla_force_host_platform_device_count", *(f.split("=")[0] for f in CPU_FLAGS))
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if not f.startswith(dropped)]
     env["XLA_FLAGS"] = " ".join(flags)
     env["JAX_NUM_CPU_DEVICES"] = str(devices)
     env["JAX_PLATFORMS"] = "cpu"
@@ -77,23 +78,6 @@ def _finish(procs: list[subprocess.Popen]) -> list[tuple[int, str, str]]:
     return results
 
 
-def _same_pictures(out: Path, reference: Path, files: dict[str, str], expected: dict[str, str]) -> int:
-    """Assert ``out`` holds what ``reference`` does: the same files, non-PNG files and PNG text chunks byte for
-    byte, pixels within one level; return how many PNGs are not byte-identical."""
-    assert sorted(files) == sorted(expected)
-    differing = 0
-    for rel, digest in files.items():
-        if digest == expected[rel]:
-            continue
-        assert rel.endswith(".png"), rel
-        with Image.open(out / rel) as a, Image.open(reference / rel) as b:
-            assert a.info == b.info, rel
-            gap = np.abs(np.asarray(a, np.int16) - np.asarray(b, np.int16)).max()
-        assert gap <= 1, (rel, gap)
-        differing += 1
-    return differing
-
-
 def _files(out: Path) -> dict[str, str]:
     """Every file in OUT by relative path, as its SHA-256 (hidden files included: none may be left)."""
     return {p.relative_to(out).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
@@ -128,8 +112,7 @@ def test_two_processes_write_the_bytes_one_process_writes(work: Path, single: di
         assert f"done {INPUTS * 2}, skipped 0" in stdout, stdout
     files = _files(work / "two")
     assert MANIFEST in files and files[MANIFEST] == single[MANIFEST]  # the merged manifest, byte for byte
-    differing = _same_pictures(work / "two", work / "single", files, single)
-    assert differing <= 2, differing
+    assert files == single  # every PNG and grid, byte for byte
 
 
 def test_a_killed_job_finishes_with_another_process_count(work: Path, single: dict[str, str]):
@@ -156,9 +139,7 @@ def test_a_killed_job_finishes_with_another_process_count(work: Path, single: di
     ((code, stdout, stderr),) = _finish(_start(1, work / "inputs", out, work))
     assert code == 0, stderr
     assert "skipped 0" not in stdout
-    files = _files(out)
-    assert files[MANIFEST] == single[MANIFEST]
-    assert _same_pictures(out, work / "single", files, single) <= 2
+    assert _files(out) == single
 
 
 def test_a_process_that_never_joins_fails_the_job_in_bounded_time(work: Path):
