@@ -189,6 +189,73 @@ def _add_info(sub) -> None:
     info.set_defaults(func=_info)
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .batch.inputs import InputError
+    from .settings import SettingsError
+    from .training.optim import TrainConfig
+    from .training.run import RunSettings, train
+
+    settings = None
+    if not args.resume:
+        if not args.data:
+            args.subparser.error("DATA: name the pictures to train on (or pass --resume)")
+        try:
+            optim = TrainConfig(learning_rate=args.lr, warmup_steps=args.warmup, trainable=args.trainable,
+                                p_uncond=args.p_uncond, ema_decay=args.ema, accumulate=args.accumulate)
+            settings = RunSettings(data=tuple(args.data), model=args.model,
+                                   steps=RunSettings.steps if args.steps is None else args.steps,
+                                   batch_size=args.batch_size, seed=args.seed, save_every=args.save_every,
+                                   keep=args.keep, optim=optim)
+        except SettingsError as e:
+            args.subparser.error(str(e))
+    try:
+        train(settings, args.out, resume=args.resume, steps=args.steps if args.resume else None)
+    except (FileNotFoundError, InputError) as e:
+        print(f"imvar-jax train: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _add_train(sub) -> None:
+    import dataclasses
+
+    from .training.optim import TRAINABLE, TrainConfig
+    from .training.run import RunSettings
+
+    opt = TrainConfig()  # the defaults shown and used are the settings objects' own
+    run = {f.name: f.default for f in dataclasses.fields(RunSettings) if f.default is not dataclasses.MISSING}
+    train = sub.add_parser(
+        "train", help="fine-tune the UNet on a folder of pictures (resumable)",
+        description="Fine-tune the image-variation UNet on pictures, each conditioned on its own CLIP image "
+                    "embedding. RUN gets settings.json, metrics.jsonl and checkpoints/; --resume continues "
+                    "the run saved there with its recorded settings.")
+    train.add_argument("data", nargs="*", metavar="DATA", help="picture files, folders or glob patterns")
+    train.add_argument("--model", default=run["model"], help=f"model to fine-tune (default {run['model']})")
+    train.add_argument("--out", required=True, metavar="RUN", help="the run's folder")
+    train.add_argument("--resume", action="store_true", help="continue the run in RUN from its latest checkpoint")
+    train.add_argument("--steps", type=int, default=None,
+                       help=f"steps in all (default {run['steps']}; with --resume: the recorded number, or more)")
+    train.add_argument("--batch-size", type=int, default=run["batch_size"],
+                       help=f"pictures per step over every device (default {run['batch_size']})")
+    train.add_argument("--lr", type=float, default=opt.learning_rate,
+                       help=f"peak learning rate (default {opt.learning_rate})")
+    train.add_argument("--warmup", type=int, default=opt.warmup_steps,
+                       help=f"linear warm-up steps (default {opt.warmup_steps})")
+    train.add_argument("--trainable", choices=list(TRAINABLE), default=opt.trainable,
+                       help=f"the whole UNet, or only its cross-attention layers (default {opt.trainable})")
+    train.add_argument("--p-uncond", type=float, default=opt.p_uncond,
+                       help=f"probability of the zero (no image) condition (default {opt.p_uncond})")
+    train.add_argument("--ema", type=float, default=opt.ema_decay,
+                       help=f"EMA decay of the params (default {opt.ema_decay})")
+    train.add_argument("--accumulate", type=int, default=opt.accumulate,
+                       help=f"batches per optimizer update (default {opt.accumulate})")
+    train.add_argument("--save-every", type=int, default=run["save_every"],
+                       help=f"checkpoint every N steps (default {run['save_every']})")
+    train.add_argument("--keep", type=int, default=run["keep"], help=f"checkpoints kept (default {run['keep']})")
+    train.add_argument("--seed", type=int, default=run["seed"], help=f"the run's seed (default {run['seed']})")
+    train.set_defaults(func=_train, subparser=train)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imvar-jax", description="Stable Diffusion Image Variations in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -202,6 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
     conv.set_defaults(func=_convert)
     _add_generate(sub)
     _add_info(sub)
+    _add_train(sub)
     return parser
 
 

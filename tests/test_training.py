@@ -243,3 +243,74 @@ def test_a_resumed_run_ends_with_the_same_bits(converted, tmp_path):
     checkpoints.close()
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(straight), jax.tree.leaves(resumed)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+
+
+def test_pictures_are_encoded_once_and_served_by_grain(tmp_path):
+    """Unusable files are named and left out; the cache is reused; the loader's state resumes its sequence."""
+    from PIL import Image
+
+    from imvar_jax import ImageVariationPipeline
+    from imvar_jax.training.data import loader, precompute
+
+    pipe, params = ImageVariationPipeline.from_pretrained("tiny", safety_checker=False)
+    folder = tmp_path / "pictures"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        Image.fromarray(rng.integers(0, 256, (20 + i, 24, 3), dtype=np.uint8)).save(folder / f"p{i}.png")
+    (folder / "broken.png").write_bytes(b"not a picture")
+    cache = tmp_path / "encoded.npz"
+    encoded, misses = precompute(pipe, params, [folder], size=(16, 16), seed=1, cache=cache, model_id="tiny")
+    assert encoded.latents.shape == (5, 8, 8, 4) and encoded.embeds.shape == (5, pipe.unet.config.context_dim)
+    assert [reason for what, reason in misses if what.endswith("broken.png")] == [
+        "not an image (Pillow cannot identify the format)"]
+    # The same pictures and settings read the cache (equal arrays); another seed encodes again.
+    again, _ = precompute(pipe, params, [folder], size=(16, 16), seed=1, cache=cache, model_id="tiny")
+    np.testing.assert_array_equal(again.latents, encoded.latents)
+    other, _ = precompute(pipe, params, [folder], size=(16, 16), seed=2, cache=cache, model_id="tiny")
+    assert not np.array_equal(other.latents, encoded.latents)
+    np.testing.assert_array_equal(other.embeds, encoded.embeds)  # CLIP draws nothing
+
+    it = iter(loader(encoded, batch_size=2, seed=3))
+    first = [next(it)["embeds"] for _ in range(3)]
+    state = it.get_state()
+    rest = [next(it)["embeds"] for _ in range(4)]  # across the epoch boundary
+    resumed = iter(loader(encoded, batch_size=2, seed=3))
+    resumed.set_state(state)
+    np.testing.assert_array_equal(np.stack([next(resumed)["embeds"] for _ in range(4)]), np.stack(rest))
+    # A shuffled sequence: every picture once in the first 5 draws of an epoch.
+    seen = np.concatenate(first)[:5]
+    assert len({row.tobytes() for row in seen}) == 5
+
+
+def test_train_command_resumes_to_the_same_losses(tmp_path):
+    """``imvar-jax train`` for 4 steps, against 2 steps and ``--resume --steps 4``: the same metric lines."""
+    import json
+
+    from PIL import Image
+
+    from imvar_jax.cli import main
+
+    pictures = tmp_path / "pictures"
+    pictures.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(pictures / f"p{i}.png")
+    common = [str(pictures), "--batch-size", "8", "--lr", "1e-3", "--warmup", "1", "--save-every", "2",
+              "--seed", "3"]
+    # 4 pictures, 8 per step on 8 devices: the loader repeats them, which is what an epoch boundary does.
+    assert main(["train", *common, "--out", str(tmp_path / "straight"), "--steps", "4"]) == 1  # too few pictures
+    for i in range(4, 8):
+        Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(pictures / f"p{i}.png")
+    assert main(["train", *common, "--out", str(tmp_path / "straight"), "--steps", "4"]) == 0
+    assert main(["train", *common, "--out", str(tmp_path / "stopped"), "--steps", "2"]) == 0
+    assert main(["train", "--out", str(tmp_path / "stopped"), "--resume", "--steps", "4"]) == 0
+
+    def lines(run: str) -> list[dict]:
+        return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
+                for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
+
+    straight = lines("straight")
+    assert [m["step"] for m in straight] == [1, 2, 3, 4]
+    assert lines("stopped") == straight
+    assert len({m["loss"] for m in straight}) == 4

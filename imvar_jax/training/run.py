@@ -1,0 +1,170 @@
+"""A training run in a folder: settings, encoded data, checkpoints, metrics and sample grids, resumable.
+
+RUN/settings.json   what the run was started with (a resume reads it back; nothing else may change)
+RUN/encoded.npz     the pictures' latents and embeddings (training.data.precompute's cache)
+RUN/checkpoints/    orbax checkpoints every ``save_every`` steps, the last ``keep`` kept
+RUN/metrics.jsonl   one line per step: step, loss, gradient norm, learning rate, seconds
+
+The batch of each step is global (``batch_size`` pictures over every device of the placement);
+the state is replicated and the batch split, so XLA averages the gradients across devices.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import jax
+import numpy as np
+
+from ..models.unet import UNet2DConditionModel
+from ..parallel import Placement
+from ..precision import default_dtype
+from ..settings import SettingsError
+from .checkpoints import RunCheckpoints
+from .data import loader, precompute
+from .objective import NoiseSchedule
+from .optim import TrainConfig, learning_rate, make_optimizer
+from .step import Batch, init_state, train_step
+
+SETTINGS_FILE = "settings.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """One training run; checked when built, recorded in RUN/settings.json."""
+
+    data: tuple[str, ...]
+    model: str = "tiny"
+    steps: int = 1000
+    batch_size: int = 8
+    size: tuple[int, int] | None = None  # training resolution (h, w); default the model's
+    seed: int = 0
+    save_every: int = 500
+    keep: int = 3
+    dtype: str | None = None  # compute dtype; default per platform (bfloat16 on TPU/GPU, float32 on CPU)
+    optim: TrainConfig = TrainConfig()
+
+    def __post_init__(self) -> None:
+        if not self.data:
+            raise SettingsError("data: no pictures named")
+        for name, low in (("steps", 1), ("batch_size", 1), ("save_every", 1), ("keep", 1), ("seed", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise SettingsError(f"{name}: expected an integer >= {low}, got {value!r}")
+
+    def to_json(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        out["data"] = list(self.data)
+        out["size"] = None if self.size is None else list(self.size)
+        return out
+
+    @classmethod
+    def from_json(cls, raw: dict[str, Any]) -> "RunSettings":
+        return cls(**{**raw, "data": tuple(raw["data"]), "size": None if raw["size"] is None else tuple(raw["size"]),
+                      "optim": TrainConfig(**raw["optim"])})
+
+
+def _truncate_metrics(path: Path, last_step: int) -> None:
+    """Keep the metric lines of steps up to ``last_step``: a killed run may have logged steps it did not save."""
+    if not path.is_file():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= last_step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def train(settings: RunSettings | None, run: str | os.PathLike, *, resume: bool = False, steps: int | None = None,
+          log: Callable[[str], None] = print) -> Path:
+    """Train as ``settings`` say into the folder ``run``; with ``resume``, continue the run saved there.
+
+    Returns the folder. A new run refuses a folder that already holds a run; a resumed one
+    takes its settings from the folder (``settings`` must then be None) and continues from the
+    latest checkpoint, bit-identical on CPU to a run that was never stopped; ``steps`` there
+    extends (never shortens) the recorded number of steps.
+    """
+    from ..pipeline import ImageVariationPipeline
+
+    folder = Path(run).absolute()
+    recorded = folder / SETTINGS_FILE
+    if resume:
+        if settings is not None:
+            raise ValueError("settings: a resumed run uses the settings it recorded; pass None")
+        if not recorded.is_file():
+            raise FileNotFoundError(f"{folder}: no training run to resume ({SETTINGS_FILE} is missing)")
+        settings = RunSettings.from_json(json.loads(recorded.read_text()))
+        if steps is not None:
+            if steps < settings.steps:
+                raise SettingsError(f"steps: the run was started for {settings.steps}; a resume may extend it, "
+                                    f"not shorten it to {steps}")
+            settings = dataclasses.replace(settings, steps=steps)
+    elif settings is None:
+        raise ValueError("settings: needed for a new run")
+    elif recorded.exists():
+        raise FileExistsError(f"{folder}: already holds a training run; pass --resume to continue it")
+
+    placement = Placement.of(None)
+    if settings.batch_size % len(placement):
+        raise SettingsError(f"batch_size: {settings.batch_size} does not split over {len(placement)} devices")
+    pipe, params = ImageVariationPipeline.from_pretrained(settings.model, safety_checker=False, dtype="float32")
+    size = pipe.size(*(settings.size or (None, None)))
+    compute = settings.dtype or default_dtype(placement.platform)
+    unet = UNet2DConditionModel(pipe.unet.config, dtype=compute, platform=placement.platform)
+    schedule = NoiseSchedule.from_config(pipe.scheduler_config or {})
+    optimizer = make_optimizer(settings.optim, params["unet"])
+
+    folder.mkdir(parents=True, exist_ok=True)
+    encoded, misses = precompute(pipe, params, settings.data, size=size, seed=settings.seed,
+                                 cache=folder / "encoded.npz", model_id=settings.model)
+    for what, reason in misses:
+        log(f"skipped {what}: {reason}")
+    log(f"{len(encoded.latents)} pictures, {settings.batch_size} per step on {len(placement)} devices")
+
+    per_process = settings.batch_size // jax.process_count()
+    data = iter(loader(encoded, batch_size=per_process, seed=settings.seed))
+    # Recorded once the run can start: a run refused above leaves no settings behind, so the same
+    # command can be run again once its cause is fixed (the encoded cache it wrote is reused).
+    if not resume or steps is not None:
+        tmp = recorded.with_name(recorded.name + ".tmp")
+        tmp.write_text(json.dumps(settings.to_json(), indent=1) + "\n")
+        os.replace(tmp, recorded)
+    checkpoints = RunCheckpoints(folder / "checkpoints", save_every=settings.save_every, keep=settings.keep)
+    state = init_state(params["unet"], optimizer, settings.seed)
+    if resume and checkpoints.latest_step() is not None:
+        state, extra = checkpoints.restore(state)
+        data.set_state(extra["data"].encode())
+        log(f"resumed at step {int(state.step)}")
+    _truncate_metrics(folder / METRICS_FILE, int(state.step))
+    state = placement.whole(state)
+    step_fn = jax.jit(lambda s, b: train_step(unet, schedule, settings.optim, optimizer, s, b))
+    rate = learning_rate(settings.optim)
+    index = np.arange(settings.batch_size, dtype=np.int32)
+    mine = placement.local_slots(settings.batch_size)
+    with open(folder / METRICS_FILE, "a") as metrics_file:
+        while int(state.step) < settings.steps:
+            start = time.perf_counter()
+            records = next(data)
+            latents = np.zeros((settings.batch_size, *encoded.latents.shape[1:]), np.float32)
+            embeds = np.zeros((settings.batch_size, encoded.embeds.shape[1]), np.float32)
+            latents[mine], embeds[mine] = records["latents"], records["embeds"]
+            batch = Batch(placement.split(latents), placement.split(embeds), placement.split(index))
+            step = int(state.step)
+            state, metrics = step_fn(state, batch)
+            line = {"step": step + 1, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
+                    "lr": float(rate(step // settings.optim.accumulate)), "seconds": time.perf_counter() - start}
+            if jax.process_index() == 0:
+                metrics_file.write(json.dumps(line) + "\n")
+                metrics_file.flush()
+            log(f"step {line['step']}/{settings.steps} loss {line['loss']:.4f}")
+            checkpoints.save(step + 1, state, {"data": data.get_state().decode(), "step": step + 1},
+                             force=step + 1 == settings.steps)
+    checkpoints.wait()
+    checkpoints.close()
+    return folder
