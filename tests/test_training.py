@@ -314,6 +314,11 @@ def test_train_command_resumes_to_the_same_losses(tmp_path):
     assert [m["step"] for m in straight] == [1, 2, 3, 4]
     assert lines("stopped") == straight
     assert len({m["loss"] for m in straight}) == 4
+    from imvar_jax.tiny import tiny_configs
+
+    for name in ("unet", "unet-ema"):  # diffusers loads both (their values: test_a_fine_tuned_unet_exports...)
+        exported = TorchUNet.from_pretrained(str(tmp_path / "straight" / "export" / name))
+        assert list(exported.config.block_out_channels) == list(tiny_configs()["unet"].block_out_channels)
 
 
 def test_a_fine_tuned_unet_exports_to_diffusers(converted, tmp_path):

@@ -4,6 +4,7 @@ RUN/settings.json   what the run was started with (a resume reads it back; nothi
 RUN/encoded.npz     the pictures' latents and embeddings (training.data.precompute's cache)
 RUN/checkpoints/    orbax checkpoints every ``save_every`` steps, the last ``keep`` kept
 RUN/metrics.jsonl   one line per step: step, loss, gradient norm, learning rate, seconds
+RUN/export/         at the end, the UNet as diffusers folders: unet-ema/ (the EMA) and unet/ (the raw params)
 
 The batch of each step is global (``batch_size`` pictures over every device of the placement);
 the state is replicated and the batch split, so XLA averages the gradients across devices.
@@ -22,6 +23,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from ..convert.to_torch import save_diffusers_unet
 from ..models.unet import UNet2DConditionModel
 from ..parallel import Placement
 from ..precision import default_dtype
@@ -167,4 +169,8 @@ def train(settings: RunSettings | None, run: str | os.PathLike, *, resume: bool 
                              force=step + 1 == settings.steps)
     checkpoints.wait()
     checkpoints.close()
+    if jax.process_index() == 0:
+        for name, tree in (("unet-ema", state.ema), ("unet", state.params)):
+            save_diffusers_unet(pipe.unet.config, jax.tree.map(np.asarray, tree), folder / "export" / name)
+        log(f"exported the UNet to {folder / 'export'} (diffusers format)")
     return folder
