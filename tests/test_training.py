@@ -327,8 +327,8 @@ def test_a_fine_tuned_unet_exports_to_diffusers(converted, tmp_path):
     from imvar_jax.convert.to_torch import save_diffusers_unet
 
     _, params = converted
-    config = TrainConfig(learning_rate=1e-2, warmup_steps=0)
-    state, _ = _run_steps(params, jax.devices()[:1], 2, config)
+    # test_one_or_eight_devices_give_the_same_losses's program: compiled once (the session's compile cache).
+    state, _ = _run_steps(params, jax.devices()[:1], 3, TrainConfig(learning_rate=1e-3, warmup_steps=0))
     tuned = jax.tree.map(np.asarray, state.params)
     folder = save_diffusers_unet(CFG, tuned, tmp_path / "unet")
     loaded = TorchUNet.from_pretrained(str(folder)).eval()
