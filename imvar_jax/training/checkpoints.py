@@ -29,8 +29,16 @@ class RunCheckpoints:
         self._manager = ocp.CheckpointManager(self.folder, options=options)
 
     def save(self, step: int, state: TrainState, extra: dict[str, Any], *, force: bool = False) -> bool:
-        """Save at ``step`` if it is a save step (or ``force``); returns whether a save was started."""
-        return self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+        """Save at ``step`` if it is a save step (or ``force``); returns whether a save was started.
+
+        The state is replicated, so it is copied to host memory first and saved from there: orbax
+        saving device arrays compiled a small program per array shape (hundreds for the UNet) and
+        made a tiny run's saves take seconds each. Writing the files stays asynchronous.
+        """
+        if not self._manager.should_save(step) and not force:
+            return False
+        host = jax.device_get(state)
+        return self._manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(host),
                                                                  extra=ocp.args.JsonSave(extra)), force=force)
 
     def latest_step(self) -> int | None:
