@@ -205,7 +205,8 @@ def _train(args: argparse.Namespace) -> int:
             settings = RunSettings(data=tuple(args.data), model=args.model,
                                    steps=RunSettings.steps if args.steps is None else args.steps,
                                    batch_size=args.batch_size, seed=args.seed, save_every=args.save_every,
-                                   keep=args.keep, optim=optim)
+                                   keep=args.keep, sample_every=args.sample_every,
+                                   sample_steps=args.sample_steps, optim=optim)
         except SettingsError as e:
             args.subparser.error(str(e))
     try:
@@ -253,6 +254,11 @@ def _add_train(sub) -> None:
                        help=f"checkpoint every N steps (default {run['save_every']})")
     train.add_argument("--keep", type=int, default=run["keep"], help=f"checkpoints kept (default {run['keep']})")
     train.add_argument("--seed", type=int, default=run["seed"], help=f"the run's seed (default {run['seed']})")
+    train.add_argument("--sample-every", type=int, default=run["sample_every"],
+                       help="every N steps, a grid of variations of the first pictures in RUN/samples/ "
+                            "(default: none)")
+    train.add_argument("--sample-steps", type=int, default=run["sample_steps"],
+                       help=f"denoising steps of the sample grids (default {run['sample_steps']})")
     train.set_defaults(func=_train, subparser=train)
 
 

@@ -290,6 +290,7 @@ def test_train_command_resumes_to_the_same_losses(tmp_path):
     from PIL import Image
 
     from imvar_jax.cli import main
+    from imvar_jax.tiny import tiny_configs
 
     pictures = tmp_path / "pictures"
     pictures.mkdir()
@@ -302,7 +303,8 @@ def test_train_command_resumes_to_the_same_losses(tmp_path):
     assert main(["train", *common, "--out", str(tmp_path / "straight"), "--steps", "4"]) == 1  # too few pictures
     for i in range(4, 8):
         Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(pictures / f"p{i}.png")
-    assert main(["train", *common, "--out", str(tmp_path / "straight"), "--steps", "4"]) == 0
+    assert main(["train", *common, "--out", str(tmp_path / "straight"), "--steps", "4", "--sample-every", "2",
+                 "--sample-steps", "2"]) == 0
     assert main(["train", *common, "--out", str(tmp_path / "stopped"), "--steps", "2"]) == 0
     assert main(["train", "--out", str(tmp_path / "stopped"), "--resume", "--steps", "4"]) == 0
 
@@ -314,8 +316,15 @@ def test_train_command_resumes_to_the_same_losses(tmp_path):
     assert [m["step"] for m in straight] == [1, 2, 3, 4]
     assert lines("stopped") == straight
     assert len({m["loss"] for m in straight}) == 4
-    from imvar_jax.tiny import tiny_configs
+    from imvar_jax.training.run import SAMPLE_PICTURES, SAMPLE_VARIATIONS
 
+    grids = sorted(p.name for p in (tmp_path / "straight" / "samples").iterdir())
+    assert grids == ["step-000002.png", "step-000004.png"]
+    with Image.open(tmp_path / "straight" / "samples" / grids[-1]) as grid:
+        size = grid.size[1] // SAMPLE_PICTURES  # the training resolution: one square cell per picture
+        assert grid.size == ((SAMPLE_VARIATIONS + 1) * size, SAMPLE_PICTURES * size) and size > 0
+        cells = np.asarray(grid).reshape(SAMPLE_PICTURES, size, SAMPLE_VARIATIONS + 1, size, 3)
+        assert len({cells[0, :, j].tobytes() for j in range(1, SAMPLE_VARIATIONS + 1)}) == SAMPLE_VARIATIONS
     for name in ("unet", "unet-ema"):  # diffusers loads both (their values: test_a_fine_tuned_unet_exports...)
         exported = TorchUNet.from_pretrained(str(tmp_path / "straight" / "export" / name))
         assert list(exported.config.block_out_channels) == list(tiny_configs()["unet"].block_out_channels)

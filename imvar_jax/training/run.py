@@ -4,6 +4,8 @@ RUN/settings.json   what the run was started with (a resume reads it back; nothi
 RUN/encoded.npz     the pictures' latents and embeddings (training.data.precompute's cache)
 RUN/checkpoints/    orbax checkpoints every ``save_every`` steps, the last ``keep`` kept
 RUN/metrics.jsonl   one line per step: step, loss, gradient norm, learning rate, seconds
+RUN/samples/        every ``sample_every`` steps, step-NNNNNN.png: variations of the first pictures (EMA params),
+                    one row per picture, the picture itself first
 RUN/export/         at the end, the UNet as diffusers folders: unet-ema/ (the EMA) and unet/ (the raw params)
 
 The batch of each step is global (``batch_size`` pictures over every device of the placement);
@@ -22,7 +24,9 @@ from typing import Any, Callable
 
 import jax
 import numpy as np
+from PIL import Image
 
+from ..batch.inputs import InputError, collect_inputs, decode_image, read_input
 from ..convert.to_torch import save_diffusers_unet
 from ..models.unet import UNet2DConditionModel
 from ..parallel import Placement
@@ -50,13 +54,16 @@ class RunSettings:
     seed: int = 0
     save_every: int = 500
     keep: int = 3
+    sample_every: int = 0  # 0: no sample grids
+    sample_steps: int = 20  # denoising steps of the sample grids
     dtype: str | None = None  # compute dtype; default per platform (bfloat16 on TPU/GPU, float32 on CPU)
     optim: TrainConfig = TrainConfig()
 
     def __post_init__(self) -> None:
         if not self.data:
             raise SettingsError("data: no pictures named")
-        for name, low in (("steps", 1), ("batch_size", 1), ("save_every", 1), ("keep", 1), ("seed", 0)):
+        for name, low in (("steps", 1), ("batch_size", 1), ("save_every", 1), ("keep", 1), ("seed", 0),
+                          ("sample_every", 0), ("sample_steps", 1)):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise SettingsError(f"{name}: expected an integer >= {low}, got {value!r}")
@@ -71,6 +78,42 @@ class RunSettings:
     def from_json(cls, raw: dict[str, Any]) -> "RunSettings":
         return cls(**{**raw, "data": tuple(raw["data"]), "size": None if raw["size"] is None else tuple(raw["size"]),
                       "optim": TrainConfig(**raw["optim"])})
+
+
+SAMPLE_PICTURES = 2  # validation pictures in each grid
+SAMPLE_VARIATIONS = 3  # variations of each
+
+
+def _sample_pictures(sources: tuple[str, ...], count: int) -> list[Image.Image]:
+    """The first ``count`` usable pictures of the data, decoded (they are fixed for the whole run)."""
+    files, _ = collect_inputs(sources)
+    found = []
+    for f in files:
+        try:
+            found.append(decode_image(read_input(f.path)[0]).convert("RGB"))
+        except InputError:
+            continue
+        if len(found) == count:
+            break
+    return found
+
+
+def _write_grid(pipe: Any, params: dict[str, Any], pictures: list[Image.Image], size: tuple[int, int],
+                steps: int, seed: int, path: Path) -> None:
+    """One row per picture: the picture (resized to ``size``), then its variations with ``params``."""
+    out = pipe.generate(pictures, params, seed=seed, num_images_per_prompt=SAMPLE_VARIATIONS,
+                        num_inference_steps=steps, height=size[0], width=size[1],
+                        devices=jax.local_devices()[:1]).images  # [N*k, H, W, 3]
+    h, w = size
+    grid = np.zeros((len(pictures) * h, (SAMPLE_VARIATIONS + 1) * w, 3), np.uint8)
+    for i, picture in enumerate(pictures):
+        grid[i * h:(i + 1) * h, :w] = np.asarray(picture.resize((w, h), Image.Resampling.BICUBIC))
+        for j in range(SAMPLE_VARIATIONS):
+            grid[i * h:(i + 1) * h, (j + 1) * w:(j + 2) * w] = np.round(out[i * SAMPLE_VARIATIONS + j] * 255)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp.png")
+    Image.fromarray(grid).save(tmp)
+    os.replace(tmp, path)
 
 
 def _truncate_metrics(path: Path, last_step: int) -> None:
@@ -138,6 +181,7 @@ def train(settings: RunSettings | None, run: str | os.PathLike, *, resume: bool 
         tmp.write_text(json.dumps(settings.to_json(), indent=1) + "\n")
         os.replace(tmp, recorded)
     checkpoints = RunCheckpoints(folder / "checkpoints", save_every=settings.save_every, keep=settings.keep)
+    samples = _sample_pictures(settings.data, SAMPLE_PICTURES) if settings.sample_every else []
     state = init_state(params["unet"], optimizer, settings.seed)
     if resume and checkpoints.latest_step() is not None:
         state, extra = checkpoints.restore(state)
@@ -167,6 +211,10 @@ def train(settings: RunSettings | None, run: str | os.PathLike, *, resume: bool 
             log(f"step {line['step']}/{settings.steps} loss {line['loss']:.4f}")
             checkpoints.save(step + 1, state, {"data": data.get_state().decode(), "step": step + 1},
                              force=step + 1 == settings.steps)
+            if settings.sample_every and (step + 1) % settings.sample_every == 0 and jax.process_index() == 0:
+                ema = jax.tree.map(np.asarray, state.ema)
+                _write_grid(pipe, {**params, "unet": ema}, samples, size, settings.sample_steps, settings.seed,
+                            folder / "samples" / f"step-{step + 1:06d}.png")
     checkpoints.wait()
     checkpoints.close()
     if jax.process_index() == 0:
