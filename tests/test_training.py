@@ -73,8 +73,8 @@ def test_loss_and_gradients_match_diffusers(converted):
     ref_loss.backward()
 
     unet = UNet2DConditionModel(CFG)
-    loss, grads = jax.value_and_grad(lambda p: denoising_loss(unet, p, SCHEDULE, _nhwc(z), _nhwc(noise),
-                                                              jnp.asarray(timesteps, jnp.int32), context))(params)
+    loss, grads = jax.jit(jax.value_and_grad(lambda p: denoising_loss(
+        unet, p, SCHEDULE, _nhwc(z), _nhwc(noise), jnp.asarray(timesteps, jnp.int32), context)))(params)
     assert_close(loss, ref_loss.item(), rel=1e-5, what="loss")
 
     # The torch gradients through the converter's own table (the same layout changes as the weights).
@@ -156,17 +156,29 @@ def test_config_names_the_bad_field(field, value):
         TrainConfig(**{field: value})
 
 
-def _run_steps(params, devices, steps: int, config: TrainConfig, n: int = 8):
+def _stepper(params, devices, config: TrainConfig):
+    """The jitted step over a mesh of ``devices`` (state replicated, batch split) and its first state.
+
+    Configs that differ only in numbers give the same program: the tests share its compilation
+    (the session's compile cache)."""
     unet = UNet2DConditionModel(CFG)
     optimizer = make_optimizer(config, params)
     mesh = Mesh(np.array(devices), ("batch",))
     whole, split = NamedSharding(mesh, PartitionSpec()), NamedSharding(mesh, PartitionSpec("batch"))
-    state = jax.device_put(init_state(params, optimizer, seed=5), whole)
-    step = jax.jit(lambda s, b: train_step(unet, SCHEDULE, config, optimizer, s, b))
+    step = jax.jit(lambda s, b: train_step(unet, SCHEDULE, optimizer, s, b), in_shardings=(whole, split),
+                   out_shardings=(whole, whole))
+    return step, jax.device_put(init_state(params, optimizer, config, seed=5), whole)
+
+
+def _batch_of(latents: np.ndarray, embeds: np.ndarray) -> Batch:
+    return Batch(latents, embeds, np.arange(len(latents), dtype=np.int32))
+
+
+def _run_steps(params, devices, steps: int, config: TrainConfig, n: int = 8):
+    step, state = _stepper(params, devices, config)
     rng = np.random.default_rng(1)
-    latents = rng.standard_normal((n, 8, 8, CFG.in_channels)).astype(np.float32)
-    embeds = rng.standard_normal((n, CFG.context_dim)).astype(np.float32)
-    batch = jax.device_put(Batch(latents, embeds, np.arange(n, dtype=np.int32)), split)
+    batch = _batch_of(rng.standard_normal((n, 8, 8, CFG.in_channels)).astype(np.float32),
+                      rng.standard_normal((n, CFG.context_dim)).astype(np.float32))
     losses = []
     for _ in range(steps):
         state, metrics = step(state, batch)
@@ -187,11 +199,23 @@ def test_one_or_eight_devices_give_the_same_losses(converted):
         np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=0, atol=0.1 * 3 * config.learning_rate)
 
 
+def test_the_numbers_of_a_run_are_traced(converted):
+    """Runs that differ in every number (rate, warm-up, betas, eps, decay, clipping, EMA, p_uncond) lower to the
+    same program, so they share one compilation."""
+    _, params = converted
+    batch = _batch_of(np.zeros((8, 8, 8, CFG.in_channels), np.float32), np.zeros((8, CFG.context_dim), np.float32))
+    texts = []
+    for config in (TrainConfig(), TrainConfig(learning_rate=3e-3, warmup_steps=7, b1=0.8, b2=0.99, eps=1e-6,
+                                              weight_decay=0.0, max_grad_norm=0.5, ema_decay=0.5, p_uncond=0.3)):
+        step, state = _stepper(params, jax.devices()[:1], config)
+        texts.append(step.lower(state, batch).as_text())
+    assert texts[0] == texts[1]
+
+
 def test_a_tiny_unet_overfits_one_picture(converted):
     _, params = converted
     unet = UNet2DConditionModel(CFG)
     config = TrainConfig(learning_rate=3e-3, warmup_steps=0, p_uncond=0.0, ema_decay=0.0)
-    optimizer = make_optimizer(config, params)
     rng = np.random.default_rng(2)
     latents = np.repeat(rng.standard_normal((1, 8, 8, CFG.in_channels)).astype(np.float32), 8, axis=0)
     embeds = np.repeat(rng.standard_normal((1, CFG.context_dim)).astype(np.float32), 8, axis=0)
@@ -201,9 +225,8 @@ def test_a_tiny_unet_overfits_one_picture(converted):
     z = np.repeat(latents[:1], 16, axis=0)
     context = np.repeat(embeds[:1, None, :], 16, axis=0)
     measure = jax.jit(lambda p: denoising_loss(unet, p, SCHEDULE, z, noise, timesteps, context))
-    state = init_state(params, optimizer, seed=0)
-    step = jax.jit(lambda s, b: train_step(unet, SCHEDULE, config, optimizer, s, b))
-    batch = Batch(latents, embeds, np.arange(8, dtype=np.int32))
+    step, state = _stepper(params, jax.devices()[:1], config)  # test_one_or_eight_devices's program
+    batch = _batch_of(latents, embeds)
     before = float(measure(state.params))
     for _ in range(STEPS_TO_OVERFIT):
         state, _ = step(state, batch)
@@ -212,30 +235,28 @@ def test_a_tiny_unet_overfits_one_picture(converted):
 
 
 def test_a_resumed_run_ends_with_the_same_bits(converted, tmp_path):
-    """4 steps straight, against 2 steps, a checkpoint, a new state restored from it and 2 more: bit-identical."""
+    """4 steps straight, against 2 steps, a checkpoint, a new state restored from it and 2 more: bit-identical,
+    with the optimizer half-way through an accumulation at the checkpoint."""
     from imvar_jax.training.checkpoints import RunCheckpoints
 
     _, params = converted
-    config = TrainConfig(learning_rate=1e-3, warmup_steps=2, accumulate=2, ema_decay=0.9)
-    unet = UNet2DConditionModel(CFG)
-    optimizer = make_optimizer(config, params)
-    step = jax.jit(lambda s, b: train_step(unet, SCHEDULE, config, optimizer, s, b))
+    config = TrainConfig(learning_rate=1e-3, warmup_steps=2, accumulate=3, ema_decay=0.9)
+    step, first = _stepper(params, jax.devices()[:1], config)
     rng = np.random.default_rng(4)
-    batches = [Batch(rng.standard_normal((2, 8, 8, CFG.in_channels)).astype(np.float32),
-                     rng.standard_normal((2, CFG.context_dim)).astype(np.float32), np.arange(2, dtype=np.int32))
-               for _ in range(4)]
+    batches = [_batch_of(rng.standard_normal((8, 8, 8, CFG.in_channels)).astype(np.float32),
+                         rng.standard_normal((8, CFG.context_dim)).astype(np.float32)) for _ in range(4)]
 
-    straight = init_state(params, optimizer, seed=9)
+    straight = first
     for b in batches:
         straight, _ = step(straight, b)
 
-    saved = init_state(params, optimizer, seed=9)
+    saved = first
     for b in batches[:2]:
         saved, _ = step(saved, b)
     checkpoints = RunCheckpoints(tmp_path / "checkpoints", save_every=2)
     assert checkpoints.save(2, saved, {"data": {"next": 2}})
     checkpoints.wait()
-    fresh = init_state(params, optimizer, seed=123)  # only its structure is used
+    fresh = jax.tree.map(jnp.zeros_like, first)  # only its structure, dtypes and placement are used
     resumed, extra = RunCheckpoints(tmp_path / "checkpoints", save_every=2).restore(fresh)
     assert extra == {"data": {"next": 2}} and int(resumed.step) == 2
     for b in batches[extra["data"]["next"]:]:
@@ -243,6 +264,8 @@ def test_a_resumed_run_ends_with_the_same_bits(converted, tmp_path):
     checkpoints.close()
     for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(straight), jax.tree.leaves(resumed)):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b), err_msg=jax.tree_util.keystr(path))
+    # The accumulation finished one update (3 calls) and left one call's gradients pending.
+    assert int(straight.opt_state.gradient_step) == 1 and int(straight.opt_state.mini_step) == 1
 
 
 def test_pictures_are_encoded_once_and_served_by_grain(tmp_path):

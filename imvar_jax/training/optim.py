@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from ..settings import SettingsError
@@ -73,22 +74,38 @@ def trainable_mask(unet_params: Any, trainable: Trainable) -> Any:
     return jax.tree_util.tree_map_with_path(trains, unet_params)
 
 
+def warmed_up(peak: Any, warmup_steps: Any, update: Any) -> Any:
+    """The learning rate of update ``update`` (from 0): ``peak * update / warmup_steps`` during the warm-up, then
+    ``peak``; as diffusers' ``get_constant_schedule_with_warmup``. Works on numbers and on traced arrays."""
+    return peak * jnp.where(update < warmup_steps, update / jnp.maximum(warmup_steps, 1), 1.0)
+
+
 def learning_rate(config: TrainConfig) -> optax.Schedule:
-    if config.warmup_steps == 0:
-        return optax.constant_schedule(config.learning_rate)
-    return optax.join_schedules([optax.linear_schedule(0.0, config.learning_rate, config.warmup_steps),
-                                 optax.constant_schedule(config.learning_rate)], [config.warmup_steps])
+    return lambda update: warmed_up(config.learning_rate, config.warmup_steps, update)
+
+
+def _adamw(learning_rate: Any, warmup_steps: Any, b1: Any, b2: Any, eps: Any, weight_decay: Any,
+           max_grad_norm: Any) -> optax.GradientTransformation:
+    # optax.adamw's chain, with the clipping before it and the warm-up inside it. Called by
+    # inject_hyperparams with the hyperparameters as arrays from the optimizer state.
+    return optax.chain(optax.clip_by_global_norm(max_grad_norm),
+                       optax.scale_by_adam(b1=b1, b2=b2, eps=eps),
+                       optax.add_decayed_weights(weight_decay),
+                       optax.scale_by_learning_rate(lambda update: warmed_up(learning_rate, warmup_steps, update)))
 
 
 def make_optimizer(config: TrainConfig, unet_params: Any) -> optax.GradientTransformation:
     """The update rule for ``unet_params``: frozen params get zero updates; clipping sees only trainable gradients.
 
-    With ``accumulate`` > 1 the gradients of that many calls are averaged before one update
-    (``optax.MultiSteps``); the schedule counts updates, not calls.
+    The numbers (rate, warm-up, betas, eps, decay, clipping) live in the optimizer state
+    (``optax.inject_hyperparams``), so runs that differ only in them share one compiled step;
+    only ``trainable`` and ``accumulate`` shape the program. With ``accumulate`` > 1 the
+    gradients of that many calls are averaged before one update (``optax.MultiSteps``); the
+    schedule counts updates, not calls.
     """
-    train = optax.chain(optax.clip_by_global_norm(config.max_grad_norm),
-                        optax.adamw(learning_rate(config), b1=config.b1, b2=config.b2, eps=config.eps,
-                                    weight_decay=config.weight_decay))
+    train = optax.inject_hyperparams(_adamw, hyperparam_dtype=jnp.float32)(
+        learning_rate=config.learning_rate, warmup_steps=config.warmup_steps, b1=config.b1, b2=config.b2,
+        eps=config.eps, weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm)
     labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable_mask(unet_params, config.trainable))
     optimizer = optax.multi_transform({"train": train, "frozen": optax.set_to_zero()}, labels)
     if config.accumulate > 1:

@@ -182,14 +182,14 @@ def train(settings: RunSettings | None, run: str | os.PathLike, *, resume: bool 
         os.replace(tmp, recorded)
     checkpoints = RunCheckpoints(folder / "checkpoints", save_every=settings.save_every, keep=settings.keep)
     samples = _sample_pictures(settings.data, SAMPLE_PICTURES) if settings.sample_every else []
-    state = init_state(params["unet"], optimizer, settings.seed)
+    state = init_state(params["unet"], optimizer, settings.optim, settings.seed)
     if resume and checkpoints.latest_step() is not None:
         state, extra = checkpoints.restore(state)
         data.set_state(extra["data"].encode())
         log(f"resumed at step {int(state.step)}")
     _truncate_metrics(folder / METRICS_FILE, int(state.step))
     state = placement.whole(state)
-    step_fn = jax.jit(lambda s, b: train_step(unet, schedule, settings.optim, optimizer, s, b))
+    step_fn = jax.jit(lambda s, b: train_step(unet, schedule, optimizer, s, b))
     rate = learning_rate(settings.optim)
     index = np.arange(settings.batch_size, dtype=np.int32)
     mine = placement.local_slots(settings.batch_size)

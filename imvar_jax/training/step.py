@@ -28,6 +28,9 @@ class TrainState:
     opt_state: Any
     ema: Any  # float32 exponential moving average of ``params``
     seed: jax.Array  # uint32 [2]: the run's key data
+    # The run's numbers the step reads, as arrays so that runs differing in them share one program.
+    ema_decay: jax.Array  # float32
+    p_uncond: jax.Array  # float32: the probability of the zero embedding
 
 
 class Batch(NamedTuple):
@@ -36,11 +39,13 @@ class Batch(NamedTuple):
     index: jax.Array  # int32 [B]: each example's position in the global batch
 
 
-def init_state(params: Any, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+def init_state(params: Any, optimizer: optax.GradientTransformation, config: TrainConfig, seed: int) -> TrainState:
+    """The state before the first step: float32 copies of ``params``, the EMA equal to them, ``config``'s numbers."""
     params = jax.tree.map(lambda x: jnp.asarray(x, jnp.float32), params)
     return TrainState(step=jnp.int32(0), params=params, opt_state=optimizer.init(params),
                       ema=jax.tree.map(jnp.copy, params),
-                      seed=jax.random.key_data(jax.random.key(seed)))
+                      seed=jax.random.key_data(jax.random.key(seed)),
+                      ema_decay=jnp.float32(config.ema_decay), p_uncond=jnp.float32(config.p_uncond))
 
 
 def example_draws(seed: jax.Array, step: jax.Array, index: jax.Array, shape: tuple[int, ...],
@@ -55,11 +60,11 @@ def example_draws(seed: jax.Array, step: jax.Array, index: jax.Array, shape: tup
     return noise, timesteps.astype(jnp.int32), conditions(embeds, drop)
 
 
-def train_step(unet: UNet2DConditionModel, schedule: NoiseSchedule, config: TrainConfig,
-               optimizer: optax.GradientTransformation, state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
+def train_step(unet: UNet2DConditionModel, schedule: NoiseSchedule, optimizer: optax.GradientTransformation,
+               state: TrainState, batch: Batch) -> tuple[TrainState, dict]:
     """One call: loss and gradients of the batch, an optimizer update (or an accumulation), the EMA."""
     noise, timesteps, context = example_draws(state.seed, state.step, batch.index, batch.latents.shape[1:],
-                                              schedule.num_train_timesteps, batch.embeds, config.p_uncond)
+                                              schedule.num_train_timesteps, batch.embeds, state.p_uncond)
 
     def loss_of(params):
         return denoising_loss(unet, params, schedule, batch.latents, noise, timesteps, context)
@@ -67,7 +72,7 @@ def train_step(unet: UNet2DConditionModel, schedule: NoiseSchedule, config: Trai
     loss, grads = jax.value_and_grad(loss_of)(state.params)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    decay = jnp.float32(config.ema_decay)
+    decay = state.ema_decay
     ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema, params)
     metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
