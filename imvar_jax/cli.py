@@ -209,6 +209,10 @@ def _train(args: argparse.Namespace) -> int:
                                    sample_steps=args.sample_steps, optim=optim)
         except SettingsError as e:
             args.subparser.error(str(e))
+    if not args.no_compile_cache:
+        from . import hub
+
+        hub.enable_compile_cache()
     try:
         train(settings, args.out, resume=args.resume, steps=args.steps if args.resume else None)
     except (FileNotFoundError, InputError) as e:
@@ -259,6 +263,8 @@ def _add_train(sub) -> None:
                             "(default: none)")
     train.add_argument("--sample-steps", type=int, default=run["sample_steps"],
                        help=f"denoising steps of the sample grids (default {run['sample_steps']})")
+    train.add_argument("--no-compile-cache", action="store_true",
+                       help="do not keep compiled programs on disk (as generate)")
     train.set_defaults(func=_train, subparser=train)
 
 

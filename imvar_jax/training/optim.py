@@ -103,8 +103,10 @@ def make_optimizer(config: TrainConfig, unet_params: Any) -> optax.GradientTrans
     gradients of that many calls are averaged before one update (``optax.MultiSteps``); the
     schedule counts updates, not calls.
     """
+    # Every number a float32 array: an int would be stored weakly typed, and orbax restores it strongly
+    # typed, so a resumed run would compile its step again.
     train = optax.inject_hyperparams(_adamw, hyperparam_dtype=jnp.float32)(
-        learning_rate=config.learning_rate, warmup_steps=config.warmup_steps, b1=config.b1, b2=config.b2,
+        learning_rate=config.learning_rate, warmup_steps=float(config.warmup_steps), b1=config.b1, b2=config.b2,
         eps=config.eps, weight_decay=config.weight_decay, max_grad_norm=config.max_grad_norm)
     labels = jax.tree.map(lambda t: "train" if t else "frozen", trainable_mask(unet_params, config.trainable))
     optimizer = optax.multi_transform({"train": train, "frozen": optax.set_to_zero()}, labels)

@@ -74,6 +74,6 @@ def train_step(unet: UNet2DConditionModel, schedule: NoiseSchedule, optimizer: o
     params = optax.apply_updates(state.params, updates)
     decay = state.ema_decay
     ema = jax.tree.map(lambda e, p: decay * e + (1 - decay) * p, state.ema, params)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads)}
+    metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads)}
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state, ema=ema), metrics
 
