@@ -206,7 +206,7 @@ def _train(args: argparse.Namespace) -> int:
                                    steps=RunSettings.steps if args.steps is None else args.steps,
                                    batch_size=args.batch_size, seed=args.seed, save_every=args.save_every,
                                    keep=args.keep, sample_every=args.sample_every,
-                                   sample_steps=args.sample_steps, optim=optim)
+                                   sample_steps=args.sample_steps, export=args.export, optim=optim)
         except SettingsError as e:
             args.subparser.error(str(e))
     if not args.no_compile_cache:
@@ -224,6 +224,7 @@ def _train(args: argparse.Namespace) -> int:
 def _add_train(sub) -> None:
     import dataclasses
 
+    from .training.export import EXPORTS
     from .training.optim import TRAINABLE, TrainConfig
     from .training.run import RunSettings
 
@@ -263,6 +264,9 @@ def _add_train(sub) -> None:
                             "(default: none)")
     train.add_argument("--sample-steps", type=int, default=run["sample_steps"],
                        help=f"denoising steps of the sample grids (default {run['sample_steps']})")
+    train.add_argument("--export", choices=list(EXPORTS), default=run["export"],
+                       help="which params the run's end writes to RUN/export/step-N/ as diffusers and imvar-jax "
+                            f"pipelines: the EMA, the raw params or both (default {run['export']})")
     train.add_argument("--no-compile-cache", action="store_true",
                        help="do not keep compiled programs on disk (as generate)")
     train.set_defaults(func=_train, subparser=train)

@@ -330,67 +330,110 @@ def test_pictures_are_encoded_once_and_served_by_grain(tmp_path):
     assert len({row.tobytes() for row in seen}) == 5
 
 
-def test_train_command_resumes_to_the_same_losses(tmp_path):
-    """``imvar-jax train`` for 4 steps, against 2 steps and ``--resume --steps 4``: the same metric lines."""
+def _wait_for_step(proc, metrics, step: int, timeout: float = 240.0) -> None:
+    """Return once ``metrics`` (a run's metrics.jsonl) logs ``step``; fail if ``proc`` ends first."""
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if metrics.is_file() and len(metrics.read_text().splitlines()) >= step:
+            return
+        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before step {step}: {proc.stderr.read()}"
+        time.sleep(0.02)
+    raise AssertionError(f"no step {step} logged in {timeout} s")
+
+
+def test_a_killed_train_command_resumes_to_the_same_bits(tmp_path):
+    """``imvar-jax train`` for 12 steps, against a run of 8 killed (SIGKILL) once step 4 is logged and then
+    ``--resume --steps 12``: the same metric lines and the same exported bytes."""
     import json
+    import os
+    import signal
+    import subprocess
+    import sys
 
     from PIL import Image
 
     from imvar_jax.cli import main
-    from imvar_jax.tiny import tiny_configs
 
     pictures = tmp_path / "pictures"
     pictures.mkdir()
     rng = np.random.default_rng(0)
     for i in range(4):
         Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(pictures / f"p{i}.png")
-    common = [str(pictures), "--batch-size", "8", "--lr", "1e-3", "--warmup", "1", "--save-every", "2",
+    common = [str(pictures), "--batch-size", "8", "--lr", "1e-3", "--warmup", "1", "--save-every", "3",
               "--seed", "3", "--no-compile-cache"]
     # 4 pictures, 8 per step on 8 devices: the loader repeats them, which is what an epoch boundary does.
-    assert main(["train", *common, "--out", str(tmp_path / "straight"), "--steps", "4"]) == 1  # too few pictures
+    assert main(["train", *common, "--out", str(tmp_path / "straight"), "--steps", "12"]) == 1  # too few pictures
     for i in range(4, 8):
         Image.fromarray(rng.integers(0, 256, (24, 24, 3), dtype=np.uint8)).save(pictures / f"p{i}.png")
-    assert main(["train", *common, "--out", str(tmp_path / "straight"), "--steps", "4", "--sample-every", "2",
+    assert main(["train", *common, "--out", str(tmp_path / "straight"), "--steps", "12", "--sample-every", "6",
                  "--sample-steps", "2"]) == 0
-    assert main(["train", *common, "--out", str(tmp_path / "stopped"), "--steps", "2"]) == 0
-    assert main(["train", "--out", str(tmp_path / "stopped"), "--resume", "--steps", "4", "--no-compile-cache"]) == 0
+
+    # The killed run is a process of its own, on this session's compile cache: it runs the programs compiled above.
+    env = dict(os.environ, JAX_COMPILATION_CACHE_DIR=jax.config.jax_compilation_cache_dir,
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "imvar_jax.cli", "train", *common, "--out", str(killed),
+                             "--steps", "8"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_step(proc, killed / "metrics.jsonl", 4)
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+    assert proc.returncode == -signal.SIGKILL
+    assert not (killed / "export").exists()
+    assert main(["train", "--out", str(killed), "--resume", "--steps", "12", "--no-compile-cache"]) == 0
 
     def lines(run: str) -> list[dict]:
         return [{k: v for k, v in json.loads(line).items() if k != "seconds"}
                 for line in (tmp_path / run / "metrics.jsonl").read_text().splitlines()]
 
     straight = lines("straight")
-    assert [m["step"] for m in straight] == [1, 2, 3, 4]
-    assert lines("stopped") == straight
-    assert len({m["loss"] for m in straight}) == 4
+    assert [m["step"] for m in straight] == list(range(1, 13))
+    assert lines("killed") == straight
+    assert len({m["loss"] for m in straight}) == 12
+    # The EMA pipeline by default, in both formats (what they hold: test_a_fine_tuned_unet_exports_as_pipelines).
+    exports = [tmp_path / run / "export" / "step-000012" for run in ("straight", "killed")]
+    assert sorted(p.name for p in exports[0].iterdir()) == ["diffusers-ema", "jax-ema"]
+    weights = [(e / "diffusers-ema" / "unet" / "diffusion_pytorch_model.safetensors").read_bytes() for e in exports]
+    assert weights[0] == weights[1]
+
     from imvar_jax.training.run import SAMPLE_PICTURES, SAMPLE_VARIATIONS
 
     grids = sorted(p.name for p in (tmp_path / "straight" / "samples").iterdir())
-    assert grids == ["step-000002.png", "step-000004.png"]
+    assert grids == ["step-000006.png", "step-000012.png"]
     with Image.open(tmp_path / "straight" / "samples" / grids[-1]) as grid:
         size = grid.size[1] // SAMPLE_PICTURES  # the training resolution: one square cell per picture
         assert grid.size == ((SAMPLE_VARIATIONS + 1) * size, SAMPLE_PICTURES * size) and size > 0
         cells = np.asarray(grid).reshape(SAMPLE_PICTURES, size, SAMPLE_VARIATIONS + 1, size, 3)
         assert len({cells[0, :, j].tobytes() for j in range(1, SAMPLE_VARIATIONS + 1)}) == SAMPLE_VARIATIONS
-    for name in ("unet", "unet-ema"):  # diffusers loads both (their values: test_a_fine_tuned_unet_exports...)
-        exported = TorchUNet.from_pretrained(str(tmp_path / "straight" / "export" / name))
-        assert list(exported.config.block_out_channels) == list(tiny_configs()["unet"].block_out_channels)
 
 
-def test_a_fine_tuned_unet_exports_to_diffusers(converted, tmp_path):
-    """Our params (moved by a few steps) written as a diffusers folder: diffusers loads them and predicts the same
-    noise; the table run backwards then forwards gives back every param bit for bit."""
-    from imvar_jax.convert.to_torch import save_diffusers_unet
+def test_a_fine_tuned_unet_exports_as_pipelines(converted, tmp_path):
+    """Our params (moved by a few steps) exported with the tiny base: diffusers loads the pipeline folder with no
+    missing or unexpected key in any component and its UNet predicts our noise; the imvar-jax folder converted
+    from it holds every param bit for bit."""
+    from diffusers import AutoencoderKL, StableDiffusionImageVariationPipeline
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+    from transformers import CLIPVisionModelWithProjection
+
+    from imvar_jax import ImageVariationPipeline
+    from imvar_jax.training.export import export_unets
 
     _, params = converted
     # test_one_or_eight_devices_give_the_same_losses's program: compiled once (the session's compile cache).
     state, _ = _run_steps(params, jax.devices()[:1], 3, TrainConfig(learning_rate=1e-3, warmup_steps=0))
     tuned = jax.tree.map(np.asarray, state.params)
-    folder = save_diffusers_unet(CFG, tuned, tmp_path / "unet")
-    loaded = TorchUNet.from_pretrained(str(folder)).eval()
-    _, back = convert_component(SPEC, folder)
-    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(tuned), jax.tree.leaves(back)):
-        np.testing.assert_array_equal(a, np.asarray(b), err_msg=jax.tree_util.keystr(path))
+    written = export_unets("tiny", {"-ema": tuned}, tmp_path, log=lambda line: None)
+    assert written == [tmp_path / "diffusers-ema", tmp_path / "jax-ema"]
+    folder = str(tmp_path / "diffusers-ema")
+    for name, cls in (("unet", TorchUNet), ("vae", AutoencoderKL), ("image_encoder", CLIPVisionModelWithProjection),
+                      ("safety_checker", StableDiffusionSafetyChecker)):
+        _, info = cls.from_pretrained(folder, subfolder=name, output_loading_info=True)
+        assert not any(info.get(k) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), (name, info)
+    loaded = StableDiffusionImageVariationPipeline.from_pretrained(folder).unet.eval()
     z, _, timesteps, context = _batch()
     with torch.no_grad():
         ref = loaded(torch.from_numpy(z), torch.from_numpy(timesteps), encoder_hidden_states=torch.from_numpy(context)
@@ -398,3 +441,8 @@ def test_a_fine_tuned_unet_exports_to_diffusers(converted, tmp_path):
     unet = UNet2DConditionModel(CFG)
     ours = jax.jit(unet.apply)({"params": tuned}, _nhwc(z), jnp.asarray(timesteps, jnp.int32), context)
     assert_close(ours, _nhwc(ref), rel=1e-5, what="noise prediction of the exported UNet")
+    _, back = ImageVariationPipeline.from_pretrained(str(tmp_path / "jax-ema"), dtype="float32")
+    for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(tuned), jax.tree.leaves(back["unet"])):
+        np.testing.assert_array_equal(a, np.asarray(b), err_msg=jax.tree_util.keystr(path))
+    # Exporting again writes nothing: a step folder once exported is kept as it is.
+    assert export_unets("tiny", {"-ema": tuned}, tmp_path, log=lambda line: None) == []

@@ -6,7 +6,8 @@ RUN/checkpoints/    orbax checkpoints every ``save_every`` steps, the last ``kee
 RUN/metrics.jsonl   one line per step: step, loss, gradient norm, learning rate, seconds
 RUN/samples/        every ``sample_every`` steps, step-NNNNNN.png: variations of the first pictures (EMA params),
                     one row per picture, the picture itself first
-RUN/export/         at the end, the UNet as diffusers folders: unet-ema/ (the EMA) and unet/ (the raw params)
+RUN/export/         at the end, the fine-tuned pipeline in both formats (training.export): step-NNNNNN/diffusers-ema/
+                    and jax-ema/ from the EMA params, diffusers/ and jax/ from the raw ones, as ``export`` says
 
 The batch of each step is global (``batch_size`` pictures over every device of the placement);
 the state is replicated and the batch split, so XLA averages the gradients across devices.
@@ -27,13 +28,13 @@ import numpy as np
 from PIL import Image
 
 from ..batch.inputs import InputError, collect_inputs, decode_image, read_input
-from ..convert.to_torch import save_diffusers_unet
 from ..models.unet import UNet2DConditionModel
 from ..parallel import Placement
 from ..precision import default_dtype
 from ..settings import SettingsError
 from .checkpoints import RunCheckpoints
 from .data import loader, precompute
+from .export import EXPORTS, export_folder, export_unets
 from .objective import NoiseSchedule
 from .optim import TrainConfig, learning_rate, make_optimizer
 from .step import Batch, init_state, train_step
@@ -57,6 +58,7 @@ class RunSettings:
     sample_every: int = 0  # 0: no sample grids
     sample_steps: int = 20  # denoising steps of the sample grids
     dtype: str | None = None  # compute dtype; default per platform (bfloat16 on TPU/GPU, float32 on CPU)
+    export: str = "ema"  # which params the end of the run exports: "ema", "raw" or "both"
     optim: TrainConfig = TrainConfig()
 
     def __post_init__(self) -> None:
@@ -67,6 +69,8 @@ class RunSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise SettingsError(f"{name}: expected an integer >= {low}, got {value!r}")
+        if self.export not in EXPORTS:
+            raise SettingsError(f"export: expected one of {', '.join(EXPORTS)}, got {self.export!r}")
 
     def to_json(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -218,7 +222,8 @@ def train(settings: RunSettings | None, run: str | os.PathLike, *, resume: bool 
     checkpoints.wait()
     checkpoints.close()
     if jax.process_index() == 0:
-        for name, tree in (("unet-ema", state.ema), ("unet", state.params)):
-            save_diffusers_unet(pipe.unet.config, jax.tree.map(np.asarray, tree), folder / "export" / name)
-        log(f"exported the UNet to {folder / 'export'} (diffusers format)")
+        trees = {"ema": {"-ema": state.ema}, "raw": {"": state.params},
+                 "both": {"-ema": state.ema, "": state.params}}[settings.export]
+        export_unets(settings.model, {k: jax.tree.map(np.asarray, t) for k, t in trees.items()},
+                     export_folder(folder, int(state.step)), log=log)
     return folder
