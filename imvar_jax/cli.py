@@ -213,11 +213,28 @@ def _train(args: argparse.Namespace) -> int:
         from . import hub
 
         hub.enable_compile_cache()
+    from tqdm import tqdm
+
+    bar = None
+
+    def progress(line: dict, steps: int) -> None:
+        nonlocal bar
+        if bar is None:  # made at the first step, so that a resumed run's bar starts where the run stands
+            bar = tqdm(total=steps, initial=line["step"] - 1, unit="step", file=sys.stderr, dynamic_ncols=True)
+        bar.set_postfix(loss=f"{line['loss']:.4f}", lr=f"{line['lr']:.2e}", refresh=False)
+        bar.update(1)
+        if line["step"] == steps:  # the export that follows reports below a finished bar
+            bar.close()
+
     try:
-        train(settings, args.out, resume=args.resume, steps=args.steps if args.resume else None)
+        train(settings, args.out, resume=args.resume, steps=args.steps if args.resume else None,
+              log=lambda line: tqdm.write(f"imvar-jax train: {line}", file=sys.stderr), progress=progress)
     except (FileNotFoundError, InputError) as e:
         print(f"imvar-jax train: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        if bar is not None:
+            bar.close()
     return 0
 
 

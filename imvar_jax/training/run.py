@@ -131,13 +131,16 @@ def _truncate_metrics(path: Path, last_step: int) -> None:
 
 
 def train(settings: RunSettings | None, run: str | os.PathLike, *, resume: bool = False, steps: int | None = None,
-          log: Callable[[str], None] = print) -> Path:
+          log: Callable[[str], None] = print,
+          progress: Callable[[dict[str, Any], int], None] | None = None) -> Path:
     """Train as ``settings`` say into the folder ``run``; with ``resume``, continue the run saved there.
 
     Returns the folder. A new run refuses a folder that already holds a run; a resumed one
     takes its settings from the folder (``settings`` must then be None) and continues from the
     latest checkpoint, bit-identical on CPU to a run that was never stopped; ``steps`` there
-    extends (never shortens) the recorded number of steps.
+    extends (never shortens) the recorded number of steps. ``progress(line, steps)`` is called after
+    every step with its metrics line (as RUN/metrics.jsonl has it) and the run's number of steps;
+    without it each step is one ``log`` line.
     """
     from ..pipeline import ImageVariationPipeline
 
@@ -193,7 +196,8 @@ def train(settings: RunSettings | None, run: str | os.PathLike, *, resume: bool 
         log(f"resumed at step {int(state.step)}")
     _truncate_metrics(folder / METRICS_FILE, int(state.step))
     state = placement.whole(state)
-    step_fn = jax.jit(lambda s, b: train_step(unet, schedule, optimizer, s, b))
+    # The state is donated: checkpoints and sample grids copy it to the host before the next step replaces it.
+    step_fn = jax.jit(lambda s, b: train_step(unet, schedule, optimizer, s, b), donate_argnums=0)
     rate = learning_rate(settings.optim)
     index = np.arange(settings.batch_size, dtype=np.int32)
     mine = placement.local_slots(settings.batch_size)
@@ -212,7 +216,10 @@ def train(settings: RunSettings | None, run: str | os.PathLike, *, resume: bool 
             if jax.process_index() == 0:
                 metrics_file.write(json.dumps(line) + "\n")
                 metrics_file.flush()
-            log(f"step {line['step']}/{settings.steps} loss {line['loss']:.4f}")
+            if progress is not None:
+                progress(line, settings.steps)
+            else:
+                log(f"step {line['step']}/{settings.steps} loss {line['loss']:.4f}")
             checkpoints.save(step + 1, state, {"data": data.get_state().decode(), "step": step + 1},
                              force=step + 1 == settings.steps)
             if settings.sample_every and (step + 1) % settings.sample_every == 0 and jax.process_index() == 0:
