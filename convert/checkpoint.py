@@ -157,7 +157,11 @@ def convert_checkpoint(src: str | os.PathLike, dst: str | os.PathLike, dtype: An
             _, params = convert_component(SPECS[name], src / name, dtype, config=configs[name])
             (tmp / name).mkdir()
             shutil.copy2(src / name / "config.json", tmp / name / "config.json")
-            checkpointer.save((tmp / name / "params").absolute(), args=ocp.args.StandardSave(params))
+            # Host arrays (views of the CPU buffers): orbax refuses a process's own device arrays in a
+            # multi-process job, and a converted folder is written by one process alone.
+            host = jax.tree.map(np.asarray, params)
+            checkpointer.save((tmp / name / "params").absolute(), args=ocp.args.StandardSave(host))
+            del host
             del params
             gc.collect()
         for folder, file, _ in SIDE_CONFIGS:
@@ -261,11 +265,18 @@ def _checkpointer():
     """A synchronous orbax checkpointer without OCDBT.
 
     OCDBT stages the whole tree a second time while writing (6.5 GiB peak for the 3.2 GiB
-    UNet, measured); one zarr array per param keeps saving near the params' own size.
+    UNet, measured); one zarr array per param keeps saving near the params' own size. A
+    converted folder holds host arrays that one process writes or reads on its own, so in a
+    multi-process job orbax is told this process is the only one: otherwise it waits at
+    barriers for processes that are not converting (process 0 exporting a training run's result).
     """
+    import jax
     import orbax.checkpoint as ocp
 
-    return ocp.Checkpointer(ocp.StandardCheckpointHandler(use_ocdbt=False))
+    me = jax.process_index()
+    alone = ocp.options.MultiprocessingOptions(primary_host=me, active_processes={me})
+    return ocp.Checkpointer(ocp.StandardCheckpointHandler(use_ocdbt=False, multiprocessing_options=alone),
+                            multiprocessing_options=alone)
 
 
 def is_converted(path: str | os.PathLike) -> bool:

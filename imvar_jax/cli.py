@@ -33,6 +33,25 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _join(args: argparse.Namespace, name: str) -> str | None:
+    """Join the multi-process job the arguments name (before anything touches a JAX device); returns the
+    name this process's messages go by, or None after printing why it could not join."""
+    from . import distributed
+
+    try:
+        address, count, index = distributed.resolve(args.coordinator, args.num_processes, args.process_id)
+        if address is not None:
+            # JAX's runtime ends a process that cannot join with its own fatal message: say first what it waits for.
+            print(f"{name}: process {index} of {count} joining the job at {address} (waiting up to "
+                  f"{args.process_timeout} s for every process)", file=sys.stderr, flush=True)
+        job = distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed,
+                                     timeout_s=args.process_timeout)
+    except distributed.DistributedError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return None
+    return f"{name} [process {job.process_id}/{job.num_processes}]" if job.is_multiprocess else name
+
+
 def _generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
@@ -40,21 +59,9 @@ def _generate(args: argparse.Namespace) -> int:
     from .batch import OutputError, printable, run_generate
     from .settings import GenerationSettings, SettingsError
 
-    name = "imvar-jax generate"
-    try:
-        address, count, index = distributed.resolve(args.coordinator, args.num_processes, args.process_id)
-        if address is not None:
-            # JAX's runtime ends a process that cannot join with its own fatal message: say first what it waits for.
-            print(f"{name}: process {index} of {count} joining the job at {address} (waiting up to "
-                  f"{args.process_timeout} s for every process)", file=sys.stderr, flush=True)
-        # Before anything touches a JAX device: joining a job must come first.
-        job = distributed.initialize(args.coordinator, args.num_processes, args.process_id, auto=args.distributed,
-                                     timeout_s=args.process_timeout)
-    except distributed.DistributedError as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
+    name = _join(args, "imvar-jax generate")
+    if name is None:
         return 1
-    if job.is_multiprocess:
-        name = f"imvar-jax generate [process {job.process_id}/{job.num_processes}]"
     if not args.no_compile_cache:
         hub.enable_compile_cache()
     try:
@@ -149,9 +156,14 @@ def _add_generate(sub) -> None:
                           "is refused")
     gen.add_argument("--no-compile-cache", action="store_true",
                      help="do not use JAX's persistent compilation cache")
-    job = gen.add_argument_group(
-        "multi-process jobs", "Run the same command on every host (or process) with one shared --out: the "
-        "pictures are spread over the devices of all of them. Omit these for one process.")
+    _add_job_arguments(gen, "the pictures are spread over the devices of all of them")
+    gen.set_defaults(func=_generate, subparser=gen)
+
+
+def _add_job_arguments(parser: argparse.ArgumentParser, what: str) -> None:
+    job = parser.add_argument_group(
+        "multi-process jobs", f"Run the same command on every host (or process) with one shared --out: {what}. "
+        "Omit these for one process.")
     job.add_argument("--distributed", action="store_true",
                      help="join the job JAX detects from the cluster (TPU pod slices, SLURM, Open MPI)")
     job.add_argument("--coordinator", metavar="HOST:PORT", default=None,
@@ -163,7 +175,6 @@ def _add_generate(sub) -> None:
     job.add_argument("--process-timeout", type=_positive_seconds, metavar="S", default=300,
                      help="seconds to wait for every process to join and, later, to reach the same point of "
                           "the job before failing (default 300)")
-    gen.set_defaults(func=_generate, subparser=gen)
 
 
 def _positive_seconds(text: str) -> int:
@@ -191,10 +202,14 @@ def _add_info(sub) -> None:
 
 def _train(args: argparse.Namespace) -> int:
     from .batch.inputs import InputError
+    from .distributed import DistributedError
     from .settings import SettingsError
     from .training.optim import TrainConfig
     from .training.run import RunSettings, train
 
+    name = _join(args, "imvar-jax train")
+    if name is None:
+        return 1
     settings = None
     if not args.resume:
         if not args.data:
@@ -228,9 +243,9 @@ def _train(args: argparse.Namespace) -> int:
 
     try:
         train(settings, args.out, resume=args.resume, steps=args.steps if args.resume else None,
-              log=lambda line: tqdm.write(f"imvar-jax train: {line}", file=sys.stderr), progress=progress)
-    except (FileNotFoundError, InputError) as e:
-        print(f"imvar-jax train: error: {e}", file=sys.stderr)
+              log=lambda line: tqdm.write(f"{name}: {line}", file=sys.stderr), progress=progress)
+    except (FileNotFoundError, InputError, DistributedError) as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
         return 1
     finally:
         if bar is not None:
@@ -286,6 +301,8 @@ def _add_train(sub) -> None:
                             f"pipelines: the EMA, the raw params or both (default {run['export']})")
     train.add_argument("--no-compile-cache", action="store_true",
                        help="do not keep compiled programs on disk (as generate)")
+    _add_job_arguments(train, "each step's batch is split over the devices of all of them, and the run is "
+                              "the same as in one process with as many devices")
     train.set_defaults(func=_train, subparser=train)
 
 

@@ -9,8 +9,10 @@ the model, the preprocessing, the training size, the seed and every picture's sh
 restarted run reads it back instead of encoding again.
 
 ``loader`` serves batches with grain: shuffled with the run's seed, an endless sequence of
-epochs, sharded per JAX process, its position a JSON-able state (``get_state``/``set_state``)
-that checkpoints carry.
+epochs, its position a JSON-able state (``get_state``/``set_state``) that checkpoints carry.
+Each process of a job iterates the same global batches (the encoded pictures are in memory, so
+reading all of a batch costs nothing) and places only its own devices' rows: sharding the
+sampler per process would change which pictures share a step with the process count.
 """
 
 from __future__ import annotations
@@ -83,7 +85,7 @@ def precompute(pipe: Any, params: dict[str, Any], sources: Sequence[str | os.Pat
     latents = np.ascontiguousarray(latents.transpose(0, 2, 3, 1)).astype(np.float32)  # [N, h, w, C]
     encoded = Encoded(latents, embeds.astype(np.float32), tuple(names))
     if path is not None:
-        tmp = path.with_name(path.name + ".tmp.npz")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp.npz")  # the processes of a job each write the same
         np.savez(tmp, key=np.array(key), latents=encoded.latents, embeds=encoded.embeds)
         os.replace(tmp, path)
     return encoded, misses
@@ -109,12 +111,12 @@ class _Source:
 
 
 def loader(encoded: Encoded, *, batch_size: int, seed: int) -> grain.DataLoader:
-    """Endless shuffled batches of ``batch_size`` pictures per process (``{"latents", "embeds"}``), this
-    process's share of each global batch; iterate it and carry ``iterator.get_state()`` in checkpoints."""
-    if len(encoded.latents) < batch_size * jax.process_count():
-        raise ValueError(f"batch_size: {batch_size} per process needs at least {batch_size * jax.process_count()} "
-                         f"pictures, found {len(encoded.latents)}")
+    """Endless shuffled global batches of ``batch_size`` pictures (``{"latents", "embeds"}``), the same in
+    every process; iterate it and carry ``iterator.get_state()`` in checkpoints."""
+    if len(encoded.latents) < batch_size:
+        raise ValueError(f"batch_size: {batch_size} needs at least {batch_size} pictures, "
+                         f"found {len(encoded.latents)}")
     sampler = grain.samplers.IndexSampler(len(encoded.latents), shuffle=True, seed=seed, num_epochs=None,
-                                          shard_options=grain.sharding.ShardByJaxProcess(drop_remainder=True))
+                                          shard_options=grain.sharding.NoSharding())
     return grain.DataLoader(data_source=_Source(encoded), sampler=sampler,
                             operations=[grain.transforms.Batch(batch_size, drop_remainder=True)], worker_count=0)

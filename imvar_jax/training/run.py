@@ -9,12 +9,17 @@ RUN/samples/        every ``sample_every`` steps, step-NNNNNN.png: variations of
 RUN/export/         at the end, the fine-tuned pipeline in both formats (training.export): step-NNNNNN/diffusers-ema/
                     and jax-ema/ from the EMA params, diffusers/ and jax/ from the raw ones, as ``export`` says
 
-The batch of each step is global (``batch_size`` pictures over every device of the placement);
-the state is replicated and the batch split, so XLA averages the gradients across devices.
+The batch of each step is global (``batch_size`` pictures over every device of the placement, of
+every process of a job joined with ``imvar_jax.distributed``); the state is replicated and the
+batch split, so XLA averages the gradients across devices. Every process draws the same global
+batch from the loader and hands the placement only its own devices' rows, so the batches, and
+with them the loss curve, are the same for any number of processes and devices. Process 0 alone
+writes the run's files other than checkpoints (which every process writes its part of).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -27,6 +32,7 @@ import jax
 import numpy as np
 from PIL import Image
 
+from .. import distributed
 from ..batch.inputs import InputError, collect_inputs, decode_image, read_input
 from ..models.unet import UNet2DConditionModel
 from ..parallel import Placement
@@ -162,6 +168,9 @@ def train(settings: RunSettings | None, run: str | os.PathLike, *, resume: bool 
     elif recorded.exists():
         raise FileExistsError(f"{folder}: already holds a training run; pass --resume to continue it")
 
+    # Every process has checked the folder before any of them writes to it.
+    distributed.barrier("train-checked")
+    main = jax.process_index() == 0
     placement = Placement.of(None)
     if settings.batch_size % len(placement):
         raise SettingsError(f"batch_size: {settings.batch_size} does not split over {len(placement)} devices")
@@ -179,11 +188,10 @@ def train(settings: RunSettings | None, run: str | os.PathLike, *, resume: bool 
         log(f"skipped {what}: {reason}")
     log(f"{len(encoded.latents)} pictures, {settings.batch_size} per step on {len(placement)} devices")
 
-    per_process = settings.batch_size // jax.process_count()
-    data = iter(loader(encoded, batch_size=per_process, seed=settings.seed))
+    data = iter(loader(encoded, batch_size=settings.batch_size, seed=settings.seed))
     # Recorded once the run can start: a run refused above leaves no settings behind, so the same
     # command can be run again once its cause is fixed (the encoded cache it wrote is reused).
-    if not resume or steps is not None:
+    if main and (not resume or steps is not None):
         tmp = recorded.with_name(recorded.name + ".tmp")
         tmp.write_text(json.dumps(settings.to_json(), indent=1) + "\n")
         os.replace(tmp, recorded)
@@ -194,43 +202,43 @@ def train(settings: RunSettings | None, run: str | os.PathLike, *, resume: bool 
         state, extra = checkpoints.restore(state)
         data.set_state(extra["data"].encode())
         log(f"resumed at step {int(state.step)}")
-    _truncate_metrics(folder / METRICS_FILE, int(state.step))
+    if main:
+        _truncate_metrics(folder / METRICS_FILE, int(state.step))
     state = placement.whole(state)
     # The state is donated: checkpoints and sample grids copy it to the host before the next step replaces it.
     step_fn = jax.jit(lambda s, b: train_step(unet, schedule, optimizer, s, b), donate_argnums=0)
     rate = learning_rate(settings.optim)
     index = np.arange(settings.batch_size, dtype=np.int32)
-    mine = placement.local_slots(settings.batch_size)
-    with open(folder / METRICS_FILE, "a") as metrics_file:
+    with open(folder / METRICS_FILE, "a") if main else contextlib.nullcontext() as metrics_file:
         while int(state.step) < settings.steps:
             start = time.perf_counter()
-            records = next(data)
-            latents = np.zeros((settings.batch_size, *encoded.latents.shape[1:]), np.float32)
-            embeds = np.zeros((settings.batch_size, encoded.embeds.shape[1]), np.float32)
-            latents[mine], embeds[mine] = records["latents"], records["embeds"]
-            batch = Batch(placement.split(latents), placement.split(embeds), placement.split(index))
+            records = next(data)  # the global batch; split reads this process's rows of it
+            batch = Batch(placement.split(records["latents"]), placement.split(records["embeds"]),
+                          placement.split(index))
             step = int(state.step)
             state, metrics = step_fn(state, batch)
             line = {"step": step + 1, "loss": float(metrics["loss"]), "grad_norm": float(metrics["grad_norm"]),
                     "lr": float(rate(step // settings.optim.accumulate)), "seconds": time.perf_counter() - start}
-            if jax.process_index() == 0:
+            if main:
                 metrics_file.write(json.dumps(line) + "\n")
                 metrics_file.flush()
-            if progress is not None:
-                progress(line, settings.steps)
-            else:
-                log(f"step {line['step']}/{settings.steps} loss {line['loss']:.4f}")
+                if progress is not None:
+                    progress(line, settings.steps)
+                else:
+                    log(f"step {line['step']}/{settings.steps} loss {line['loss']:.4f}")
             checkpoints.save(step + 1, state, {"data": data.get_state().decode(), "step": step + 1},
                              force=step + 1 == settings.steps)
-            if settings.sample_every and (step + 1) % settings.sample_every == 0 and jax.process_index() == 0:
+            if settings.sample_every and (step + 1) % settings.sample_every == 0 and main:
                 ema = jax.tree.map(np.asarray, state.ema)
                 _write_grid(pipe, {**params, "unet": ema}, samples, size, settings.sample_steps, settings.seed,
                             folder / "samples" / f"step-{step + 1:06d}.png")
     checkpoints.wait()
     checkpoints.close()
-    if jax.process_index() == 0:
+    if main:
         trees = {"ema": {"-ema": state.ema}, "raw": {"": state.params},
                  "both": {"-ema": state.ema, "": state.params}}[settings.export]
         export_unets(settings.model, {k: jax.tree.map(np.asarray, t) for k, t in trees.items()},
                      export_folder(folder, int(state.step)), log=log)
+    # The job ends together: JAX's shutdown barrier would time out on a process 0 still exporting.
+    distributed.barrier("train-exported")
     return folder
