@@ -43,7 +43,7 @@ def apply_cpu_flags() -> tuple[str, ...]:
     """Append ``CPU_FLAGS`` to ``XLA_FLAGS`` where the module docstring's rules allow; return those added."""
     import jaxlib
 
-    if os.environ.get(OPT_OUT, "0") not in ("", "0") or not jaxlib.__version__.startswith(_MEASURED_JAXLIB):
+    if _is_set(OPT_OUT) or not jaxlib.__version__.startswith(_MEASURED_JAXLIB):
         return ()
     if _backends_started():
         return ()
@@ -56,4 +56,8 @@ def apply_cpu_flags() -> tuple[str, ...]:
 
 def asked_for() -> bool:
     """Whether ``IMVAR_JAX_FAST_CPU`` asks entry points that do not otherwise apply the flags to apply them."""
-    return os.environ.get(OPT_IN, "0") not in ("", "0")
+    return _is_set(OPT_IN)
+
+
+def _is_set(variable: str) -> bool:
+    return os.environ.get(variable, "0") not in ("", "0")

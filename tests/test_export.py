@@ -11,6 +11,7 @@ CPU machine has; ``pinned_cuda_target`` pins them to a stated target. It is the 
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -176,18 +177,23 @@ def _sample(platform: str) -> tuple[ImageVariationPipeline, jax.export.Exported]
     return pipe, export_sample(pipe, params, batch=1, num_images_per_prompt=1, num_inference_steps=STEPS)
 
 
+@functools.cache
+def _sd_v1_unet_params(dtype: str = "bfloat16") -> dict:
+    """The full-size UNet's params as shapes (traced once for every test here)."""
+    return module_params(UNetConfig.sd_v1(), dtype)
+
+
 def _unet(platform: str) -> jax.export.Exported:
-    cfg = UNetConfig.sd_v1()
-    unet = UNet2DConditionModel(cfg, dtype=jnp.bfloat16, platform=platform)
+    unet = UNet2DConditionModel(UNetConfig.sd_v1(), dtype=jnp.bfloat16, platform=platform)
     # Guided: the unconditional and conditional halves of one picture, 64x64 latents (512x512 pictures).
-    return export_unet(unet, module_params(cfg, jnp.bfloat16), batch=2, latent_size=(64, 64))
+    return export_unet(unet, _sd_v1_unet_params(), batch=2, latent_size=(64, 64))
 
 
 def _denoising_loop(pipe: ImageVariationPipeline, low: Lowered) -> Loop:
     """Exactly one loop runs the UNet, with one trip per scheduler step; it is returned."""
     trips = pipe.scheduler.set_timesteps(STEPS, (1, 64, 64, 4)).timesteps.shape[0]
-    unet_convs = module_params(UNetConfig.sd_v1())
-    with_unet = [loop for loop in low.loops if loop.ops["stablehlo.convolution"] >= _conv_count(unet_convs)]
+    with_unet = [loop for loop in low.loops
+                 if loop.ops["stablehlo.convolution"] >= _conv_count(_sd_v1_unet_params())]
     assert len(with_unet) == 1, [(loop.trips, loop.ops["stablehlo.convolution"]) for loop in low.loops]
     assert with_unet[0].trips == trips
     assert [loop.trips for loop in low.loops].count(trips) == 1
