@@ -270,7 +270,6 @@ def _checkpointer():
     multi-process job orbax is told this process is the only one: otherwise it waits at
     barriers for processes that are not converting (process 0 exporting a training run's result).
     """
-    import jax
     import orbax.checkpoint as ocp
 
     me = jax.process_index()
