@@ -306,6 +306,83 @@ def _add_train(sub) -> None:
     train.set_defaults(func=_train, subparser=train)
 
 
+def _serve(args: argparse.Namespace) -> int:
+    from .settings import GenerationSettings, SettingsError
+
+    try:
+        from .serving import ServeSettings
+        from .serving.settings import api_key_from_env, parse_size
+
+        sizes = tuple(parse_size(text) for text in args.sizes or ())
+        generation = GenerationSettings.from_args(args)
+        settings = ServeSettings(
+            generation=generation, host=args.host, port=args.port, api_key=api_key_from_env(args.api_key),
+            sizes=sizes, batch_per_device=args.batch_per_device, max_wait_ms=args.max_wait_ms,
+            max_queue=args.max_queue, max_body_bytes=args.max_body_mb << 20, max_pixels=args.max_pixels,
+            body_timeout_s=args.body_timeout, url_ttl_s=args.url_ttl, store_pictures=args.store_pictures,
+            max_steps=args.max_steps)
+    except SettingsError as e:
+        args.subparser.error(str(e))
+    try:
+        from .serving.app import serve
+    except ImportError as e:
+        print(f"imvar-jax serve: error: the server needs the serve extra ({e.name} is missing): "
+              f"pip install 'imvar-jax[serve]'", file=sys.stderr)
+        return 1
+    if not args.no_compile_cache:
+        from . import hub
+
+        hub.enable_compile_cache()
+    if settings.api_key is None and settings.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"imvar-jax serve: warning: listening on {settings.host} without an API key: anyone who reaches "
+              f"it can use the devices (--api-key or $IMVAR_JAX_API_KEY)", file=sys.stderr)
+    return serve(settings, on_failure=lambda why: print(f"imvar-jax serve: error: {why}", file=sys.stderr))
+
+
+def _add_serve(sub) -> None:
+    from .serving.settings import API_KEY_ENV, MAX_N, SERVED_FIELDS, ServeSettings
+    from .settings import GenerationSettings, add_arguments
+
+    d = ServeSettings()
+    serve = sub.add_parser(
+        "serve", help="an OpenAI-compatible image-variations server (POST /v1/images/variations)",
+        description="Serve OpenAI's image-variations API, with a web page at /. Requests from all clients are "
+                    "batched onto every device; a request's pictures equal imvar-jax generate's with the same "
+                    "seed and settings. /health answers 200 once every --size is compiled. Extensions to "
+                    f"OpenAI's fields: seed, steps, guidance_scale, scheduler; n is 1..{MAX_N}.")
+    add_arguments(serve, only=SERVED_FIELDS, defaults=GenerationSettings(guidance=d.generation.guidance))
+    serve.add_argument("--size", action="append", dest="sizes", metavar="WxH",
+                       help="a size requests may ask for, width x height as OpenAI writes it (repeat for several; "
+                            "the first is the default; default: the model's own); each is compiled at start-up")
+    serve.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host}: this machine only)")
+    serve.add_argument("--port", type=int, default=d.port, help=f"port (default {d.port})")
+    serve.add_argument("--api-key", default=None,
+                       help=f"require 'Authorization: Bearer KEY' (default ${API_KEY_ENV}; none: no key needed)")
+    serve.add_argument("--batch-per-device", type=int, default=d.batch_per_device,
+                       help=f"pictures per device in one program call (default {d.batch_per_device})")
+    serve.add_argument("--max-wait-ms", type=float, default=d.max_wait_ms,
+                       help="how long a request waits for others to share its program call "
+                            f"(default {d.max_wait_ms:g})")
+    serve.add_argument("--max-queue", type=int, default=d.max_queue,
+                       help=f"pictures waiting or running before new requests get 429 (default {d.max_queue})")
+    serve.add_argument("--max-steps", type=int, default=d.max_steps,
+                       help=f"the most steps a request may ask for (default {d.max_steps}; each new step count "
+                            "or scheduler compiles on its first request)")
+    serve.add_argument("--max-body-mb", type=int, default=d.max_body_bytes >> 20,
+                       help=f"largest request body in MiB (default {d.max_body_bytes >> 20})")
+    serve.add_argument("--max-pixels", type=int, default=d.max_pixels,
+                       help=f"largest uploaded picture in pixels, width x height (default {d.max_pixels})")
+    serve.add_argument("--body-timeout", type=float, default=d.body_timeout_s,
+                       help=f"seconds a client may pause while sending a body (default {d.body_timeout_s:g})")
+    serve.add_argument("--url-ttl", type=float, default=d.url_ttl_s,
+                       help=f"seconds a response_format=url picture stays available (default {d.url_ttl_s:g})")
+    serve.add_argument("--store-pictures", type=int, default=d.store_pictures,
+                       help=f"response_format=url pictures kept at most (default {d.store_pictures})")
+    serve.add_argument("--no-compile-cache", action="store_true",
+                       help="do not use JAX's persistent compilation cache")
+    serve.set_defaults(func=_serve, subparser=serve)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="imvar-jax", description="Stable Diffusion Image Variations in JAX")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -320,6 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_generate(sub)
     _add_info(sub)
     _add_train(sub)
+    _add_serve(sub)
     return parser
 
 

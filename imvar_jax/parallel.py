@@ -282,3 +282,13 @@ def picture_keys(seed: int | jax.Array, indices: Any) -> jax.Array:
     """Keys ``fold_in(key(seed), i)`` for each global picture index in ``indices``."""
     key = as_key(seed)
     return jax.vmap(lambda i: jax.random.fold_in(key, i))(np.asarray(indices, dtype=np.uint32))
+
+
+def seeded_picture_keys(seeds: Any, indices: Any) -> jax.Array:
+    """Keys ``fold_in(key(seeds[p]), indices[p])``: each picture from its own int seed, bit for bit the key
+    ``picture_keys(seeds[p], [indices[p]])`` gives, so pictures of different seeds can share one call."""
+    seeds = np.asarray(seeds, np.int64)
+    unique, which = np.unique(seeds, return_inverse=True)
+    bases = np.stack([np.asarray(jax.random.key_data(as_key(int(s)))) for s in unique])[which]  # [P, 2]
+    return jax.vmap(lambda k, i: jax.random.fold_in(jax.random.wrap_key_data(k), i))(
+        bases, np.asarray(indices, dtype=np.uint32))

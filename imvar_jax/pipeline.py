@@ -26,7 +26,7 @@ from .models.safety_checker import SafetyChecker
 from .models.unet import UNet2DConditionModel
 from .models.vae import AutoencoderKL, sample_latent
 from .parallel import (PicturePlan, Placement, as_key, on_device, picture_keys, picture_plan, replicate,
-                       replicated_devices, unreplicate)
+                       replicated_devices, seeded_picture_keys, unreplicate)
 from .precision import resolve_dtypes
 from .preprocessing import prepare_inputs, to_pil
 from .sampling import Models, SampleOptions, sample
@@ -490,8 +490,8 @@ class ImageVariationPipeline:
     # ------------------------------------------------------------------
 
     def _run(self, placement: Placement, params: dict[str, Any], stacked: bool, k: int, pixel_values: np.ndarray,
-             rows: np.ndarray, indices: np.ndarray, latents: np.ndarray | None, seed: int | jax.Array, steps: int,
-             guidance: float, eta: float, size: tuple[int, int], callback: Callable[..., None] | None,
+             rows: np.ndarray, indices: np.ndarray, latents: np.ndarray | None, seed: "int | jax.Array | _InputSeeds",
+             steps: int, guidance: float, eta: float, size: tuple[int, int], callback: Callable[..., None] | None,
              callback_steps: int, setting: str) -> tuple[np.ndarray, np.ndarray | None, list[str | None]]:
         """The sampling program on ``placement`` for inputs ``pixel_values[rows]`` (``rows`` a multiple of the device
         count long), ``k`` pictures each, picture p's noise from ``indices[p]``; then the safety check there.
@@ -528,7 +528,11 @@ class ImageVariationPipeline:
 
         sched_state = self.scheduler.set_timesteps(steps, (per_device, *latent_shape[1:], latent_shape[0]))
         warmup = sched_state.timesteps.shape[0] - steps
-        key_data = np.asarray(jax.random.key_data(picture_keys(seed, indices)))  # [B*k, 2]
+        if isinstance(seed, _InputSeeds):
+            keys = seeded_picture_keys(seed.seeds[np.repeat(rows, k)], indices)
+        else:
+            keys = picture_keys(seed, indices)
+        key_data = np.asarray(jax.random.key_data(keys))  # [B*k, 2]
         with _CALLBACKS.active(callback) as call_id:
             scalars = placement.whole((np.float32(guidance), np.float32(eta), sched_state, np.int32(callback_steps),
                                        np.int32(warmup), np.int32(call_id)))
@@ -650,7 +654,7 @@ class ImageVariationPipeline:
         return prepare_inputs(to_pil(images), "clip", feature_extractor_config=self.feature_extractor_config,
                               size=self.safety_checker.config.vision_config.image_size)
 
-    def generate(self, images: Any, params: dict[str, Any], seed: int | jax.Array = 0,
+    def generate(self, images: Any, params: dict[str, Any], seed: int | jax.Array | Sequence[int] = 0,
                  num_images_per_prompt: int = 1, preprocessing: str = "v2", latents: Any = None,
                  devices: Sequence[jax.Device] | None = None, first_index: int | Sequence[int] = 0,
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, height: int | None = None,
@@ -664,7 +668,9 @@ class ImageVariationPipeline:
         as they are, on their devices unless ``devices`` says otherwise), or plain: on one device
         that already holds them they are used in place, otherwise replicated for this call, so
         replicate once yourself when calling repeatedly. ``devices`` defaults to the replicated
-        params' devices, else every local device. ``seed`` is an int in 0..2**32-1 or a PRNG key.
+        params' devices, else every local device. ``seed`` is an int in 0..2**32-1 or a PRNG key, or a
+        list of ints, one per input: input i's pictures then come from ``fold_in(key(seed[i]), index)``,
+        as if it had been a call of its own with that seed (so one call can serve several requests).
         The other arguments mean what they mean in ``__call__``; pictures equal a ``jit=False``
         call with the same seed, and the errors are the same (``InsufficientMemoryError`` before
         sampling, ``NonFiniteError`` with the whole output after).
@@ -673,9 +679,13 @@ class ImageVariationPipeline:
         instead of padding every device to 8 pictures. ``slots`` pads every call to that many
         pictures (a multiple of the device count), so calls with fewer inputs reuse one program.
         """
+        per_input = seed if isinstance(seed, (list, tuple)) else None
         k, steps, guidance, eta, callback_steps, size, seed = self._check_call(
             num_images_per_prompt, num_inference_steps, guidance_scale, eta, callback, callback_steps, output_type,
-            height, width, seed, "seed")
+            height, width, 0 if per_input is not None else seed, "seed")
+        if per_input is not None:
+            seed = _InputSeeds(np.asarray([check_value("seed", s, f"seed[{i}]") for i, s in enumerate(per_input)],
+                                          np.int64))
         if slots is not None:
             slots = positive_int("slots", slots)
         if devices is not None:
@@ -696,6 +706,8 @@ class ImageVariationPipeline:
         pixel_values = self.prepare_inputs(images, preprocessing, only=needed)
         (plan,) = planned
         n = pixel_values.shape[0]
+        if isinstance(seed, _InputSeeds) and len(seed.seeds) != n:
+            raise SettingsError(f"seed: {len(seed.seeds)} seeds for {n} inputs (give one per input, or one int)")
         mine = placement.local_slots(len(plan.source))
         if latents is not None:
             f = self.vae_scale_factor
@@ -706,6 +718,13 @@ class ImageVariationPipeline:
         images, flags, where = self._run(placement, params, stacked, 1, pixel_values, plan.inputs, plan.index, latents,
                                          seed, steps, guidance, eta, size, callback, callback_steps, setting)
         return self._output(images, flags, where, plan.index, mine, plan.count, output_type)
+
+
+@dataclass(frozen=True)
+class _InputSeeds:
+    """One int seed per input of a ``generate`` call."""
+
+    seeds: np.ndarray  # [N] int64
 
 
 def _check_seed(seed: Any, name: str) -> int | jax.Array:

@@ -301,14 +301,19 @@ class GenerationSettings:
         return values
 
     @classmethod
-    def from_args(cls, args: argparse.Namespace) -> "GenerationSettings":
-        return cls(**{f.name: getattr(args, f.name) for f in FIELDS})
+    def from_args(cls, args: argparse.Namespace, **overrides: Any) -> "GenerationSettings":
+        """The settings the parsed options give (fields without an option keep their defaults, or ``overrides``)."""
+        return cls(**{**{f.name: getattr(args, f.name) for f in FIELDS if hasattr(args, f.name)}, **overrides})
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """One option per field of ``GenerationSettings``, with its defaults, choices and checks."""
-    defaults = GenerationSettings()
+def add_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None,
+                  defaults: GenerationSettings | None = None) -> None:
+    """One option per field of ``GenerationSettings`` (or of the fields named in ``only``), with its defaults
+    (``defaults``' values, else the settings' own), choices and checks."""
+    defaults = defaults or GenerationSettings()
     for f in FIELDS:
+        if only is not None and f.name not in only:
+            continue
         default = getattr(defaults, f.name)
         if f.negated_flag is not None:
             parser.add_argument(f.negated_flag, dest=f.name, action="store_false",
