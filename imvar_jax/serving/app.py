@@ -23,7 +23,6 @@ from importlib import resources
 from typing import Any, Awaitable, Callable
 
 import numpy as np
-from PIL import Image
 from starlette.applications import Starlette
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException
@@ -31,6 +30,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response
 from starlette.routing import Route
 
+from ..preprocessing import to_pil
 from ..settings import SEED_LIMIT
 from .batcher import Closed, QueueFull
 from .service import Service, read_picture
@@ -150,8 +150,9 @@ class BodyGuard:
 
 
 def _png(image: np.ndarray) -> bytes:
+    """A picture as PNG bytes, rounded to 8 bits as ``imvar-jax generate`` writes its files."""
     buffer = io.BytesIO()
-    Image.fromarray(np.round(np.clip(image, 0, 1) * 255).astype(np.uint8)).save(buffer, format="PNG")
+    to_pil(image)[0].save(buffer, format="PNG")
     return buffer.getvalue()
 
 
