@@ -192,6 +192,21 @@ def test_seeds_are_checked_as_the_cli_checks_them_and_keys_still_work(tiny, pict
     assert exited.value.code == 2
 
 
+def test_one_seed_per_input_gives_each_input_its_own_call_s_pictures(tiny, pictures, clean):
+    """The server's way of sharing one call between requests: input i's pictures are a call with seed[i]'s."""
+    pipe, params = tiny
+    kwargs = dict(num_images_per_prompt=2, num_inference_steps=STEPS, guidance_scale=3.0)
+    mixed = pipe.generate(pictures, params, seed=[5, 9], first_index=[0, 2], **kwargs)
+    np.testing.assert_array_equal(mixed.images[:2], clean.images[:2])  # input 0 of the clean run, seed 5
+    other = pipe.generate(pictures[1:], params, seed=9, first_index=2, **kwargs)
+    np.testing.assert_array_equal(mixed.images[2:], other.images)
+    assert not np.array_equal(mixed.images[2:], clean.images[2:])
+    for seed, pattern in (([5], r"^seed: 1 seeds for 2 inputs"), ([5, -1], r"^seed\[1\]: expected an integer"),
+                          ([5, jax.random.key(1)], r"^seed\[1\]: expected an integer"), ((5, 2.0), r"^seed\[1\]")):
+        with pytest.raises(SettingsError, match=pattern):
+            pipe.generate(pictures, params, seed=seed, **kwargs)
+
+
 @pytest.mark.parametrize("argument, value, message", [
     ("eta", 1.5, "eta: expected a number in [0, 1]"),
     ("eta", -0.1, "eta: expected a number in [0, 1]"),
