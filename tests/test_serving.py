@@ -407,6 +407,20 @@ def test_web_page_in_headless_chromium(server, tmp_path):
         driver.quit()
 
 
+def test_a_server_that_cannot_start_says_why_in_one_line(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=1")
+    base = [sys.executable, "-m", "imvar_jax.cli", "serve", "--model", "tiny", "--port", str(_free_port()),
+            "--no-compile-cache"]
+    for extra, code, message in ((["--port", "70000"], 2, "port: expected 0..65535"),
+                                 (["--size", "big"], 2, "expected WIDTHxHEIGHT"),
+                                 (["--size", "15x16"], 1, "sizes: width: 15 is not a positive multiple of 2")):
+        done = subprocess.run(base + extra, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+        assert done.returncode == code, done.stderr
+        errors = [line for line in done.stderr.splitlines() if "error" in line]
+        assert errors and message in errors[-1], done.stderr
+        assert "Traceback" not in done.stderr
+
+
 def test_sigterm_finishes_requests_in_flight_and_exits_0(server):
     """Last in the file: it stops the module's server."""
     client = server.client()
