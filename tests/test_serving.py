@@ -44,6 +44,8 @@ PER_DEVICE = 2
 MAX_QUEUE = 64
 MAX_BODY_MB = 1
 MAX_PIXELS = 1_000_000
+# Long enough that 32 clients on a loaded 2-core machine never pause that long mid-body (1 s did, in CI).
+BODY_TIMEOUT = 10
 
 
 def _free_port() -> int:
@@ -78,7 +80,7 @@ class Server:
         args = [sys.executable, "-m", "imvar_jax.cli", "serve", "--model", "tiny", "--port", str(self.port),
                 "--api-key", KEY, "--steps", str(STEPS), "--batch-per-device", str(PER_DEVICE),
                 "--max-wait-ms", "200", "--max-queue", str(MAX_QUEUE), "--max-body-mb", str(MAX_BODY_MB),
-                "--max-pixels", str(MAX_PIXELS), "--body-timeout", "1", "--no-compile-cache"]
+                "--max-pixels", str(MAX_PIXELS), "--body-timeout", str(BODY_TIMEOUT), "--no-compile-cache"]
         for size in SIZES:
             args += ["--size", size]
         self.log = open(tmp / "server.log", "w+")
@@ -239,9 +241,18 @@ def test_hostile_requests_get_clear_4xx_and_the_server_keeps_serving(server, tmp
         body, headers = _multipart(fields, image, **kw)
         return _raw(server, "POST", "/v1/images/variations", body, headers)
 
-    # Bodies over --max-body-mb: refused by Content-Length before reading, and counted when chunked.
-    status, body = post({"n": "1"}, b"\0" * (MAX_BODY_MB << 20))
-    assert (status, body["error"]["code"]) == (413, "request_too_large")
+    # Bodies over --max-body-mb: refused by Content-Length before any of it is read (so the client sends
+    # none here: a server that answers and closes mid-upload can break the client's pipe), and counted
+    # as they arrive when chunked.
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.putrequest("POST", "/v1/images/variations")
+    conn.putheader("Authorization", f"Bearer {KEY}")
+    conn.putheader("Content-Type", "multipart/form-data; boundary=x")
+    conn.putheader("Content-Length", str((MAX_BODY_MB << 20) + 1))
+    conn.endheaders()
+    reply = conn.getresponse()
+    assert reply.status == 413 and json.loads(reply.read())["error"]["code"] == "request_too_large"
+    conn.close()
     conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
     conn.putrequest("POST", "/v1/images/variations")
     conn.putheader("Authorization", f"Bearer {KEY}")
@@ -286,8 +297,8 @@ def test_hostile_requests_get_clear_4xx_and_the_server_keeps_serving(server, tmp
     assert _raw(server, "GET", "/v1/images/variations")[0] == 405
     assert _raw(server, "GET", "/v1/images/files/nothing.png")[0] == 404
 
-    # A client that stops half-way through its body gets 408 after --body-timeout (1 s), not a stuck worker.
-    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as s:
+    # A client that stops half-way through its body gets 408 after --body-timeout, not a stuck worker.
+    with socket.create_connection(("127.0.0.1", server.port), timeout=BODY_TIMEOUT + 30) as s:
         s.sendall(f"POST /v1/images/variations HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
                   "Content-Type: multipart/form-data; boundary=x\r\nContent-Length: 1000\r\n\r\n--x\r\n".encode())
         answer = s.recv(65536).decode(errors="replace")
