@@ -12,6 +12,7 @@ import http.client
 import io
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -430,6 +431,42 @@ def test_a_server_that_cannot_start_says_why_in_one_line(tmp_path):
         errors = [line for line in done.stderr.splitlines() if "error" in line]
         assert errors and message in errors[-1], done.stderr
         assert "Traceback" not in done.stderr
+
+
+def test_a_batch_that_does_not_fit_names_batch_per_device(monkeypatch):
+    """Warm-up checks a call against free memory; a refusal speaks of the server's own option."""
+    from imvar_jax import ImageVariationPipeline, InsufficientMemoryError, memory
+    from imvar_jax.serving.service import Service
+    from imvar_jax.serving.settings import ServeSettings
+
+    devices = jax.devices()[:1]
+    generation = GenerationSettings(model="tiny", steps=STEPS, dtype="float32")
+
+    def service(batch_per_device: int) -> Service:
+        started = Service(ServeSettings(generation=generation, sizes=((16, 16),), batch_per_device=batch_per_device),
+                          devices=devices)
+        started.load()
+        return started
+
+    # One CPU device: the host's free memory is all its own.
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: 1000)
+    small = service(3)
+    assert small.state == "failed" and small.error.startswith("size: 16x16 needs "), small.error
+    # What 1 and 3 pictures per device need, from the pipeline's own refusals of the server's call.
+    pipe, params = ImageVariationPipeline.from_pretrained("tiny", dtype="float32", devices=devices)
+    side = pipe.image_encoder.config.image_size
+    needs = {}
+    for slots in (1, 3):
+        with pytest.raises(InsufficientMemoryError) as refused:
+            pipe.generate(np.zeros((1, 3, side, side), np.float32), params, seed=[0], num_inference_steps=STEPS,
+                          guidance_scale=3.0, height=16, width=16, slots=slots)
+        needs[slots] = refused.value.needed
+    monkeypatch.setattr(memory, "host_available_bytes", lambda: (needs[1] + needs[3]) // 2)
+    big = service(3)
+    assert big.state == "failed"
+    assert re.match(r"^batch_per_device: 3 pictures per device at 16x16 need \S+ \S+ per device, \S+ \S+ free; "
+                    r"about [12] per device fit: lower --batch-per-device$", big.error), big.error
+    assert service(1).state == "ready"
 
 
 def test_sigterm_finishes_requests_in_flight_and_exits_0(server):

@@ -15,7 +15,9 @@ import numpy as np
 from PIL import Image
 
 from ..batch.inputs import InputError, decode_image
+from .. import memory
 from ..errors import NonFiniteError
+from ..memory import InsufficientMemoryError
 from ..pipeline import ImageVariationPipeline
 from ..settings import SettingsError
 from .batcher import Batcher
@@ -107,7 +109,16 @@ class Service:
         blank = np.zeros((1, 3, side, side), np.float32)
         for size in sizes:
             start = time.perf_counter()
-            self.run(Work(size, g.steps, g.guidance, g.scheduler), blank, [0], [0])
+            try:
+                self.run(Work(size, g.steps, g.guidance, g.scheduler), blank, [0], [0])
+            except InsufficientMemoryError as e:
+                if e.fits == 0:
+                    raise  # not even one picture per device: the message names the size
+                # The pipeline speaks of slots; a server is laid out by --batch-per-device.
+                raise SettingsError(
+                    f"batch_per_device: {self.settings.batch_per_device} pictures per device at {size_text(size)} "
+                    f"need {memory.size_text(e.needed)} per device, {memory.size_text(e.available)} free; about "
+                    f"{e.fits} per device fit: lower --batch-per-device") from None
             log.info("compiled %s for %d pictures per call on %d %s devices in %.1f s", size_text(size),
                      self.capacity, len(self.devices), pipe.platform, time.perf_counter() - start)
         s = self.settings

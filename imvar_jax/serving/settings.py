@@ -79,7 +79,7 @@ class ServeSettings:
     port: int = 8000
     api_key: str | None = None
     sizes: tuple[tuple[int, int], ...] = ()
-    batch_per_device: int = 1
+    batch_per_device: int = 4
     max_wait_ms: float = 50.0
     max_queue: int = 256
     max_body_bytes: int = 20 << 20
