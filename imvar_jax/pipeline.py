@@ -155,7 +155,9 @@ class ImageVariationPipeline:
         (``imvar_jax.hub``); ``revision`` defaults to the repo's main branch, or to
         ``DEFAULT_REVISION`` for the default model. ``"tiny"`` is a toy random-weight model built
         in-process (``imvar_jax.tiny``; a folder of that name loads as ``"./tiny"``).
-        ``scheduler`` is one of ``"pndm"``, ``"ddim"``, ``"lms"``, configured from the checkpoint's
+        ``scheduler`` is one of ``"pndm"``, ``"ddim"``, ``"lms"``, ``"euler"``, ``"euler-a"``
+        (Euler ancestral), ``"dpmpp-2m"`` (DPM-Solver++(2M)), ``"dpmpp-2m-karras"`` (on Karras
+        sigmas), configured from the checkpoint's
         scheduler config.
 
         ``dtype`` (``"float32"``, ``"bfloat16"``, ``"float16"``) is the dtype of params and

@@ -105,9 +105,10 @@ def sample(models: Models, opts: SampleOptions, params: dict[str, Any], pixel_va
         if opts.do_cfg:
             uncond, cond = jnp.split(eps, 2)
             eps = uncond + guidance_scale * (cond - uncond)
-        # Only DDIM draws noise (for eta): stream i + 1 of each picture's key; stream 0 made its latents.
+        # Step i's noise (DDIM's for eta, Euler ancestral's) is stream i + 1 of each picture's key; stream 0
+        # made its latents.
         noise = (jax.vmap(lambda key: latent_noise(key, channels, x.shape[1:3], i + 1))(keys)
-                 if scheduler.kind == "ddim" else None)
+                 if scheduler.draws_noise else None)
         x, state = scheduler.step(state, eps, i, x, eta=eta, variance_noise=noise)
         # Once non-finite, a picture stays so: only the first step says where it went wrong.
         finite = jnp.all(jnp.isfinite(x), axis=(1, 2, 3))

@@ -22,6 +22,7 @@ from imvar_jax import (GenerationSettings, ImageVariationPipeline, InsufficientM
                        SettingsError, replicate, shard)
 from imvar_jax import memory
 from imvar_jax.cli import main
+from imvar_jax.schedulers import SCHEDULERS
 from imvar_jax.settings import FIELDS, MAX_PICTURES_PER_DEVICE, MAX_SIDE, MAX_STEPS, SEED_LIMIT, check_value
 
 STEPS = 2
@@ -53,7 +54,7 @@ INVALID = {
                                        st.integers(min_value=MAX_PICTURES_PER_DEVICE + 1)),
     "steps": st.one_of(not_an_int, st.integers(max_value=0), st.integers(min_value=MAX_STEPS + 1)),
     "guidance": not_a_number,
-    "scheduler": st.one_of(st.text(max_size=6).filter(lambda t: t not in ("pndm", "ddim", "lms")), st.integers()),
+    "scheduler": st.one_of(st.text(max_size=16).filter(lambda t: t not in SCHEDULERS), st.integers()),
     "eta": st.one_of(not_a_number, st.floats(max_value=-1e-9), st.floats(min_value=1.000001, exclude_min=True)),
     "seed": st.one_of(not_an_int, st.integers(max_value=-1), st.integers(min_value=SEED_LIMIT)),
     "size": st.one_of(st.integers(), st.text(max_size=4), st.tuples(st.integers(max_value=0), st.integers(1, 64)),
@@ -110,7 +111,7 @@ valid_settings = st.builds(
     GenerationSettings,
     model=st.text(min_size=1, max_size=30), revision=st.none() | st.text(min_size=1, max_size=10),
     num_images_per_prompt=st.integers(1, 64), steps=st.integers(1, MAX_STEPS), guidance=finite_float32,
-    scheduler=st.sampled_from(["pndm", "ddim", "lms"]), eta=st.floats(0, 1), seed=st.integers(0, SEED_LIMIT - 1),
+    scheduler=st.sampled_from(list(SCHEDULERS)), eta=st.floats(0, 1), seed=st.integers(0, SEED_LIMIT - 1),
     size=st.none() | st.tuples(st.integers(1, MAX_SIDE), st.integers(1, MAX_SIDE)),
     preprocessing=st.sampled_from(["v2", "clip"]), dtype=st.none() | st.sampled_from(["float32", "bfloat16"]),
     vae_dtype=st.none() | st.sampled_from(["float32", "float16"]), safety_checker=st.booleans(),

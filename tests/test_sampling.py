@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import re
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -12,8 +14,9 @@ import torch
 
 from imvar_jax import ImageVariationPipeline, convert_checkpoint
 from helpers import CompileLog
-from imvar_jax.parallel import replicate, shard
-from imvar_jax.sampling import Models, SampleOptions, sample
+from imvar_jax.parallel import image_keys, replicate, shard
+from imvar_jax.sampling import Models, SampleOptions, latent_noise, sample
+from imvar_jax.settings import MAX_STEPS
 from tiny_checkpoint import build_torch_pipeline, save_pipeline
 
 STEPS = 4
@@ -21,8 +24,10 @@ HEIGHT, WIDTH = 16, 24  # non-square; the tiny VAE downsamples by 2
 K = 2  # variations per input
 # Max abs pixel error against diffusers, about 4x what was measured (jax 0.10.2, torch 2.13, CPU):
 # PNDM/LMS at most 4.8e-6 (odd size 2.2e-6, with the safety checker 3.4e-6); DDIM 5.0e-5, since
-# its x0 estimate divides by sqrt(alpha_bar) and guidance multiplies the UNet's rounding.
-PIXEL_TOLERANCE = {"pndm": 2e-5, "lms": 2e-5, "ddim": 2e-4}
+# its x0 estimate divides by sqrt(alpha_bar) and guidance multiplies the UNet's rounding;
+# Euler, Euler ancestral and DPM-Solver++(2M) with and without Karras sigmas at most 3.6e-6.
+PIXEL_TOLERANCE = {"pndm": 2e-5, "lms": 2e-5, "ddim": 2e-4, "euler": 2e-5, "euler-a": 2e-5, "dpmpp-2m": 2e-5,
+                   "dpmpp-2m-karras": 2e-5}
 
 
 @pytest.fixture(scope="module")
@@ -53,14 +58,35 @@ def _inputs(n: int = 2, seed: int = 0):
     return pixel_values, latents
 
 
-def _reference(torch_pipe, scheduler: str, pixel_values, latents, guidance: float, safety: bool = False, **kw):
-    from diffusers import DDIMScheduler, LMSDiscreteScheduler, PNDMScheduler
+@contextlib.contextmanager
+def _our_ancestral_noise(count: int, shape: tuple[int, int, int]):
+    """diffusers' Euler ancestral step draws its noise from torch; give it ours instead: step i's noise of
+    picture p is stream i + 1 of ``fold_in(key(0), p)``, as the pipeline called with seed 0 draws it."""
+    import diffusers.schedulers.scheduling_euler_ancestral_discrete as euler_ancestral
 
-    cls = {"pndm": PNDMScheduler, "ddim": DDIMScheduler, "lms": LMSDiscreteScheduler}[scheduler]
+    keys = image_keys(0, count)
+    step = iter(range(1, MAX_STEPS + 1))
+
+    def noise(*args, **kwargs):
+        stream = next(step)
+        z = jax.vmap(lambda key: latent_noise(key, shape[0], shape[1:], stream))(keys)  # [P, h, w, C]
+        return torch.from_numpy(np.asarray(z).transpose(0, 3, 1, 2).copy())  # [P, C, h, w]
+
+    with mock.patch.object(euler_ancestral, "randn_tensor", noise):
+        yield
+
+
+def _reference(torch_pipe, scheduler: str, pixel_values, latents, guidance: float, safety: bool = False, **kw):
+    from diffusers import (DDIMScheduler, DPMSolverMultistepScheduler, EulerAncestralDiscreteScheduler,
+                           EulerDiscreteScheduler, LMSDiscreteScheduler, PNDMScheduler)
+
+    cls = {"pndm": PNDMScheduler, "ddim": DDIMScheduler, "lms": LMSDiscreteScheduler, "euler": EulerDiscreteScheduler,
+           "euler-a": EulerAncestralDiscreteScheduler, "dpmpp-2m": DPMSolverMultistepScheduler,
+           "dpmpp-2m-karras": DPMSolverMultistepScheduler}[scheduler]
     # The config as scheduler_config.json holds it, which is what our pipeline reads: without
     # the in-memory list of implicit defaults that from_config would swap for the new class's.
     saved = {k: v for k, v in torch_pipe.scheduler.config.items() if k != "_use_default_values"}
-    torch_pipe.scheduler = cls.from_config(saved)
+    torch_pipe.scheduler = cls.from_config({**saved, **({"use_karras_sigmas": True} if "karras" in scheduler else {})})
     checker = torch_pipe.safety_checker
     if not safety:
         torch_pipe.register_modules(safety_checker=None)
@@ -76,11 +102,14 @@ def _reference(torch_pipe, scheduler: str, pixel_values, latents, guidance: floa
 
 # Every scheduler guided; the unguided program (no unconditional half) once: what it leaves out
 # does not depend on the scheduler, whose step tests/test_schedulers.py compares with diffusers'.
-@pytest.mark.parametrize("scheduler,guidance", [("pndm", 3.0), ("ddim", 3.0), ("lms", 3.0), ("pndm", 1.0)])
+@pytest.mark.parametrize("scheduler,guidance", [("pndm", 3.0), ("ddim", 3.0), ("lms", 3.0), ("euler", 3.0),
+                                                ("euler-a", 3.0), ("dpmpp-2m", 3.0), ("dpmpp-2m-karras", 3.0),
+                                                ("pndm", 1.0)])
 def test_matches_diffusers(torch_pipe, folder, scheduler, guidance):
     pipe, params = _ours(folder, scheduler)
     pixel_values, latents = _inputs()
-    ref, _ = _reference(torch_pipe, scheduler, pixel_values, latents, guidance)
+    with _our_ancestral_noise(len(latents), latents.shape[1:]):
+        ref, _ = _reference(torch_pipe, scheduler, pixel_values, latents, guidance)
     out = pipe(pixel_values, params, 0, num_inference_steps=STEPS, guidance_scale=guidance,
                num_images_per_prompt=K, height=HEIGHT, width=WIDTH, latents=latents)
     assert out.images.shape == (2 * K, HEIGHT, WIDTH, 3) and out.images.dtype == np.float32
@@ -184,6 +213,19 @@ def test_ddim_eta_noise_is_deterministic(folder):
     # eta's noise is drawn from the pictures' keys: it changes the pictures, reproducibly.
     no_eta = pipe.generate(pixel_values, params, **{**run, "eta": 0.0}).images
     assert float(np.max(np.abs(no_eta - eight))) > 1e-3
+
+
+def test_euler_ancestral_noise_follows_the_picture_keys(folder):
+    """Euler ancestral draws fresh noise every step from each picture's own key stream: the pictures do not
+    depend on the device count, and the seed changes them."""
+    pipe, params = _ours(folder, "euler-a")
+    pixel_values, _ = _inputs(n=3)
+    run = dict(seed=7, num_images_per_prompt=K, preprocessing="clip", num_inference_steps=STEPS, guidance_scale=3.0,
+               height=HEIGHT, width=WIDTH)
+    one, eight = _one_and_eight(pipe, params, pixel_values, **run)
+    assert float(np.max(np.abs(one - eight))) <= 1e-5
+    np.testing.assert_array_equal(eight, pipe.generate(pixel_values, params, **run).images)
+    assert float(np.max(np.abs(pipe.generate(pixel_values, params, **{**run, "seed": 8}).images - eight))) > 1e-2
 
 
 def test_compiles_once_and_not_per_step(folder):

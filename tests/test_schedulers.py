@@ -5,7 +5,10 @@ from __future__ import annotations
 import functools
 import inspect
 
+from unittest import mock
+
 import diffusers
+import diffusers.schedulers.scheduling_euler_ancestral_discrete as euler_ancestral
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -31,7 +34,17 @@ REFERENCE = {
     "pndm": diffusers.PNDMScheduler,
     "ddim": diffusers.DDIMScheduler,
     "lms": diffusers.LMSDiscreteScheduler,
+    "euler": diffusers.EulerDiscreteScheduler,
+    "euler-a": diffusers.EulerAncestralDiscreteScheduler,
+    "dpmpp-2m": diffusers.DPMSolverMultistepScheduler,
+    "dpmpp-2m-karras": diffusers.DPMSolverMultistepScheduler,
 }
+# What our scheduler name implies on top of the config file, for the reference built from it.
+REFERENCE_CONFIG = {"dpmpp-2m-karras": {"use_karras_sigmas": True}}
+
+
+def reference_scheduler(name: str, raw: dict):
+    return REFERENCE[name].from_config({**raw, **REFERENCE_CONFIG.get(name, {})})
 SHAPE = (2, 4, 6, 6)  # any layout: every scheduler is elementwise
 REL = 1e-5  # max abs error / max |reference| at every step of the trajectory
 
@@ -55,6 +68,13 @@ CASES = [
     ("lms", {"timestep_spacing": "leading"}, 10, 0.0),
     ("lms", {"timestep_spacing": "trailing"}, 10, 0.0),
     ("lms", {"prediction_type": "v_prediction"}, 10, 0.0),
+    *[(name, {}, n, 0.0) for name in ("euler", "euler-a") for n in (1, 3, 20, 50)],
+    *[(name, {"timestep_spacing": spacing}, 10, 0.0) for name in ("euler", "euler-a")
+      for spacing in ("leading", "trailing")],
+    *[(name, {"prediction_type": "v_prediction"}, 10, 0.0) for name in ("euler", "euler-a")],
+    *[(name, {}, n, 0.0) for name in ("dpmpp-2m", "dpmpp-2m-karras") for n in (1, 2, 3, 20, 50)],
+    *[("dpmpp-2m", {"timestep_spacing": spacing}, 10, 0.0) for spacing in ("leading", "trailing")],
+    *[(name, {"prediction_type": "v_prediction"}, 10, 0.0) for name in ("dpmpp-2m", "dpmpp-2m-karras")],
 ]
 
 
@@ -86,7 +106,9 @@ def run_reference(name: str, ref, x0: np.ndarray, eps: np.ndarray, noise: np.nda
         inp = ref.scale_model_input(x, t)
         e = _fake_unet(torch.from_numpy(eps[i]), inp, float(t))
         kwargs = {"eta": eta, "variance_noise": torch.from_numpy(noise[i])} if name == "ddim" and eta else {}
-        x = ref.step(e, t, x, **kwargs).prev_sample
+        # Euler ancestral draws its noise inside step; it gets step i's noise, as ours does.
+        with mock.patch.object(euler_ancestral, "randn_tensor", lambda *a, _z=noise[i], **k: torch.from_numpy(_z)):
+            x = ref.step(e, t, x, **kwargs).prev_sample
         out.append(x.numpy().copy())
     return np.stack(out)
 
@@ -112,7 +134,7 @@ def run_ours(sched, state, x0: jax.Array, eps: jax.Array, noise: jax.Array, eta:
 def _both(name: str, overrides: dict, n: int):
     raw = {**CHECKPOINT, **overrides}
     ours = make_scheduler(name, raw)
-    ref = REFERENCE[name].from_config(raw)
+    ref = reference_scheduler(name, raw)
     ref.set_timesteps(n)
     return ours, ours.set_timesteps(n, SHAPE), ref
 
@@ -213,7 +235,7 @@ def test_config_defaults_follow_the_class_built(name, raw):
     """diffusers fills the keys a config lacks from the class being built (DDIM from the
     PNDM checkpoint config gets clip_sample=True, set_alpha_to_one from the file)."""
     ours = make_scheduler(name, raw).config
-    ref = REFERENCE[name].from_config(raw).config
+    ref = reference_scheduler(name, raw).config
     reads = inspect.signature(REFERENCE[name].__init__).parameters
     fields = [f for f in SchedulerConfig.__dataclass_fields__ if f in reads]
     assert {"prediction_type", "timestep_spacing", "steps_offset"} <= set(fields)
@@ -254,8 +276,8 @@ def test_bad_config_names_the_field(name, overrides, field):
 
 
 def test_bad_arguments():
-    with pytest.raises(ValueError, match="scheduler.*pndm, ddim, lms"):
-        make_scheduler("euler", CHECKPOINT)
+    with pytest.raises(ValueError, match="scheduler.*pndm, ddim, lms, euler, euler-a, dpmpp-2m, dpmpp-2m-karras"):
+        make_scheduler("heun", CHECKPOINT)
     for name in SCHEDULERS:
         sched = make_scheduler(name, CHECKPOINT)
         for n in (0, 1001):

@@ -1,4 +1,4 @@
-"""Pure-JAX samplers for the denoising loop: PNDM/PLMS, DDIM and LMS.
+"""Pure-JAX samplers for the denoising loop: PNDM/PLMS, DDIM, LMS, Euler, Euler ancestral and DPM-Solver++(2M).
 
 Each scheduler is a frozen, hashable object built from a diffusers ``scheduler_config.json``
 dict. ``set_timesteps`` runs on the host and returns a state pytree of float32/int32
@@ -18,15 +18,23 @@ from typing import Any, Mapping
 
 from .common import SchedulerConfig, check_scheduler_config
 from .ddim import DDIMScheduler, DDIMState
+from .dpm import DPMSolverMultistepKarrasScheduler, DPMSolverMultistepScheduler, DPMState
+from .euler import EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, EulerState
 from .lms import LMSDiscreteScheduler, LMSState
 from .pndm import PNDMScheduler, PNDMState
 
-Scheduler = PNDMScheduler | DDIMScheduler | LMSDiscreteScheduler
+Scheduler = (PNDMScheduler | DDIMScheduler | LMSDiscreteScheduler | EulerDiscreteScheduler
+             | EulerAncestralDiscreteScheduler | DPMSolverMultistepScheduler)
 
+# Each one's ``draws_noise`` says whether its step takes fresh noise (DDIM for eta, Euler ancestral always).
 SCHEDULERS: dict[str, type[Scheduler]] = {
     "pndm": PNDMScheduler,
     "ddim": DDIMScheduler,
     "lms": LMSDiscreteScheduler,
+    "euler": EulerDiscreteScheduler,
+    "euler-a": EulerAncestralDiscreteScheduler,
+    "dpmpp-2m": DPMSolverMultistepScheduler,
+    "dpmpp-2m-karras": DPMSolverMultistepKarrasScheduler,
 }
 
 
@@ -47,6 +55,8 @@ def make_scheduler(name: str, raw_config: Mapping[str, Any]) -> Scheduler:
 
 
 __all__ = [
-    "SCHEDULERS", "SD_V1_SCHEDULER_CONFIG", "DDIMScheduler", "DDIMState", "LMSDiscreteScheduler", "LMSState", "PNDMScheduler", "PNDMState",
-    "Scheduler", "SchedulerConfig", "check_scheduler_config", "make_scheduler",
+    "SCHEDULERS", "SD_V1_SCHEDULER_CONFIG", "DDIMScheduler", "DDIMState", "DPMSolverMultistepKarrasScheduler",
+    "DPMSolverMultistepScheduler", "DPMState", "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler",
+    "EulerState", "LMSDiscreteScheduler", "LMSState", "PNDMScheduler", "PNDMState", "Scheduler", "SchedulerConfig",
+    "check_scheduler_config", "make_scheduler",
 ]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import math
 from typing import Any, Mapping
 
@@ -16,7 +17,7 @@ import numpy as np
 
 from imvar_jax.errors import ConfigError
 
-KINDS = ("pndm", "ddim", "lms")
+KINDS = ("pndm", "ddim", "lms", "euler", "euler-a", "dpmpp-2m", "dpmpp-2m-karras")
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
@@ -40,10 +41,27 @@ _CLASS_DEFAULTS: dict[str, dict[str, Any]] = {
     "ddim": {**_COMMON_DEFAULTS, "clip_sample": True, "set_alpha_to_one": True, "thresholding": False,
              "clip_sample_range": 1.0, "rescale_betas_zero_snr": False},
     "lms": {**_COMMON_DEFAULTS, "timestep_spacing": "linspace"},
+    "euler": {**_COMMON_DEFAULTS, "timestep_spacing": "linspace"},
+    "euler-a": {**_COMMON_DEFAULTS, "timestep_spacing": "linspace"},
+    "dpmpp-2m": {**_COMMON_DEFAULTS, "timestep_spacing": "linspace", "use_karras_sigmas": False},
+    # DPMSolverMultistepScheduler with use_karras_sigmas forced on, whatever the file says.
+    "dpmpp-2m-karras": {**_COMMON_DEFAULTS, "timestep_spacing": "linspace", "use_karras_sigmas": True},
 }
 # LMS sigma reschedulings we do not implement; each must be absent or false.
 _LMS_UNSUPPORTED_FLAGS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas")
-_FLAGS = ("set_alpha_to_one", "skip_prk_steps", "clip_sample", "thresholding", "rescale_betas_zero_snr")
+# Options of diffusers' Euler and DPM-Solver classes we implement only at these values (their defaults);
+# a config that sets another value is refused by the scheduler built from it.
+_EULER_ONLY = {"use_karras_sigmas": False, "use_exponential_sigmas": False, "use_beta_sigmas": False,
+               "interpolation_type": "linear", "timestep_type": "discrete", "final_sigmas_type": "zero",
+               "sigma_min": None, "sigma_max": None}
+_DPM_ONLY = {"solver_order": 2, "algorithm_type": "dpmsolver++", "solver_type": "midpoint",
+             "euler_at_final": False, "final_sigmas_type": "zero", "use_exponential_sigmas": False,
+             "use_beta_sigmas": False, "use_lu_lambdas": False, "use_flow_sigmas": False, "variance_type": None,
+             "lambda_min_clipped": -math.inf, "use_dynamic_shifting": False}
+_ONLY: dict[str, dict[str, Any]] = {"lms": {flag: False for flag in _LMS_UNSUPPORTED_FLAGS}, "euler": _EULER_ONLY,
+                                    "dpmpp-2m": _DPM_ONLY, "dpmpp-2m-karras": _DPM_ONLY}
+_FLAGS = ("set_alpha_to_one", "skip_prk_steps", "clip_sample", "thresholding", "rescale_betas_zero_snr",
+          "use_karras_sigmas")
 # Trained models use 1000; the bound keeps a hostile file from sizing the host-side tables
 # (alpha_bar, timesteps) beyond memory.
 MAX_TRAIN_TIMESTEPS = 1_000_000
@@ -71,6 +89,7 @@ class SchedulerConfig:
     timestep_spacing: str = "leading"
     thresholding: bool = False
     rescale_betas_zero_snr: bool = False
+    use_karras_sigmas: bool = False
 
     def __post_init__(self) -> None:
         _check_values(dataclasses.asdict(self), "scheduler config")
@@ -91,9 +110,13 @@ class SchedulerConfig:
         values = _class_values(raw, kind, "scheduler config")
         if kind == "lms":
             _check_lms_flags(raw, "scheduler config")
-            for flag in _LMS_UNSUPPORTED_FLAGS:
-                if raw.get(flag):
-                    raise ConfigError(f"scheduler config: {flag}=true is not supported")
+        implicit = raw.get("_use_default_values") or ()
+        for key, only in _ONLY.get(kind, {}).items():
+            if key in raw and key not in implicit and raw[key] != only:
+                raise ConfigError(f"scheduler config: {key}={_short_json(raw[key])} is not supported by the "
+                                  f"{kind} scheduler (only {_short_json(only)})")
+        if kind == "dpmpp-2m-karras":
+            values["use_karras_sigmas"] = True
         _check_values(values, "scheduler config")
         if values["trained_betas"] is not None:
             values["trained_betas"] = tuple(float(b) for b in values["trained_betas"])
@@ -136,10 +159,21 @@ def _class_values(raw: Mapping[str, Any], kind: str, where: str) -> dict[str, An
             for name, default in _CLASS_DEFAULTS[kind].items()}
 
 
+def _short_json(value: Any) -> str:
+    """A config value as its JSON file writes it (true, null, -Infinity), cut short."""
+    try:
+        return _short_text(json.dumps(value))
+    except (TypeError, ValueError):
+        return _short(value)
+
+
+def _short_text(text: str) -> str:
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
 def _short(value: Any) -> str:
     # Values in messages stay short and on one line, whatever a config holds.
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
+    return _short_text(repr(value))
 
 
 def _is_number(value: Any) -> bool:
@@ -275,6 +309,50 @@ def descending_timesteps(config: SchedulerConfig, n: int) -> np.ndarray:
     # "trailing": diffusers' float arange overshoots by one entry for some n (61, 103, ...),
     # which would add a step at timestep -1; the first n entries are the intended schedule.
     return np.round(np.arange(total, 0, -total / n))[:n] - 1
+
+
+def train_sigmas(config: SchedulerConfig) -> np.ndarray:
+    """The noise level of each training timestep, sigma = sqrt((1 - a) / a) with a = alpha_bar, float32 as
+    diffusers computes it: the variance-exploding view x = x0 + sigma * eps of the schedule."""
+    a = alphas_cumprod(config)
+    return np.sqrt((np.float32(1) - a) / a)
+
+
+def sigma_schedule(config: SchedulerConfig, n: int) -> tuple[np.ndarray, np.ndarray, np.float32]:
+    """The sigma-parameterised samplers' tables (diffusers' LMS and Euler classes):
+    ``(timesteps float32 [n], sigmas float32 [n + 1] ending at 0, init_noise_sigma)``.
+
+    Sigmas are read off the training ones at the (possibly fractional) timesteps by linear
+    interpolation. The starting latents' scale is the std of x0 + sigma_max * eps for unit-variance
+    x0 under "leading" spacing, and sigma_max alone otherwise, as diffusers has it.
+    """
+    timesteps = descending_timesteps(config, n).astype(np.float32)  # [n]
+    table = train_sigmas(config)
+    sigmas = np.interp(timesteps, np.arange(len(table)), table)
+    sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)  # [n + 1]
+    sigma_max = sigmas.max()
+    if config.timestep_spacing == "leading":
+        return timesteps, sigmas, np.sqrt(sigma_max * sigma_max + np.float32(1))
+    return timesteps, sigmas, sigma_max
+
+
+def karras_sigmas(config: SchedulerConfig, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Karras et al. (2022), eq. 5: n sigmas from sigma_max to sigma_min, uniform in sigma^(1/rho), rho = 7,
+    and the (rounded) training timestep of each, interpolated in log sigma as diffusers' ``_sigma_to_t``.
+    Returns ``(timesteps int64 [n], sigmas float64 [n])``."""
+    table = train_sigmas(config)
+    log_table = np.log(table)
+    rho = 7.0
+    ramp = np.linspace(0, 1, n)
+    low, high = float(table[0]) ** (1 / rho), float(table[-1]) ** (1 / rho)
+    sigmas = (high + ramp * (low - high)) ** rho  # [n], largest first
+    log_sigma = np.log(np.maximum(sigmas, 1e-10))
+    below = np.cumsum(log_sigma[None, :] - log_table[:, None] >= 0, axis=0).argmax(axis=0)
+    below = below.clip(max=len(table) - 2)  # the training timestep at or below each sigma
+    lo, hi = log_table[below], log_table[below + 1]
+    w = np.clip((lo - log_sigma) / (lo - hi), 0, 1)
+    timesteps = np.round((1 - w) * below + w * (below + 1)).astype(np.int64)
+    return timesteps, sigmas
 
 
 def check_timestep_range(timesteps: np.ndarray, config: SchedulerConfig) -> None:

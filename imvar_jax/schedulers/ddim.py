@@ -33,6 +33,7 @@ class DDIMState:
 class DDIMScheduler:
     config: SchedulerConfig
     kind: ClassVar[str] = "ddim"
+    draws_noise: ClassVar[bool] = True  # for eta > 0
 
     @classmethod
     def from_config(cls, raw: Mapping[str, Any]) -> Self:

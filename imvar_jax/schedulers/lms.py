@@ -18,8 +18,7 @@ import numpy as np
 from flax import struct
 from numpy.polynomial import Polynomial
 
-from .common import (SchedulerConfig, alphas_cumprod, check_num_inference_steps, check_sample_shape,
-                     descending_timesteps, exportable)
+from .common import SchedulerConfig, check_num_inference_steps, check_sample_shape, exportable, sigma_schedule
 
 ORDER = 4
 
@@ -38,6 +37,7 @@ class LMSState:
 class LMSDiscreteScheduler:
     config: SchedulerConfig
     kind: ClassVar[str] = "lms"
+    draws_noise: ClassVar[bool] = False
 
     @classmethod
     def from_config(cls, raw: Mapping[str, Any]) -> Self:
@@ -47,20 +47,7 @@ class LMSDiscreteScheduler:
         cfg = self.config
         n = check_num_inference_steps(num_inference_steps, cfg)
         shape = check_sample_shape(sample_shape)
-        timesteps = descending_timesteps(cfg, n).astype(np.float32)  # [n]
-        # The noise level of each training timestep, sigma = sqrt((1 - a) / a), in float32 as
-        # diffusers has it, read off at (possibly fractional) timesteps by linear interpolation.
-        a = alphas_cumprod(cfg)
-        train_sigmas = np.sqrt((np.float32(1) - a) / a)
-        sigmas = np.interp(timesteps, np.arange(len(train_sigmas)), train_sigmas)
-        sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)  # [n + 1]
-        sigma_max = sigmas.max()
-        # The starting latents' scale: diffusers takes the std of x0 + sigma_max * eps for
-        # unit-variance x0 under "leading" spacing, and sigma_max alone otherwise.
-        if cfg.timestep_spacing == "leading":
-            init_noise_sigma = np.sqrt(sigma_max * sigma_max + np.float32(1))
-        else:
-            init_noise_sigma = sigma_max
+        timesteps, sigmas, init_noise_sigma = sigma_schedule(cfg, n)
         return LMSState(
             timesteps=jnp.asarray(timesteps, jnp.float32),
             init_noise_sigma=jnp.float32(init_noise_sigma),

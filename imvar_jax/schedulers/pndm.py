@@ -49,6 +49,7 @@ class PNDMState:
 class PNDMScheduler:
     config: SchedulerConfig
     kind: ClassVar[str] = "pndm"
+    draws_noise: ClassVar[bool] = False
 
     @classmethod
     def from_config(cls, raw: Mapping[str, Any]) -> Self:
