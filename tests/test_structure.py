@@ -152,7 +152,7 @@ def test_text_round_trip_covers_every_recorded_field():
     ("seed", 2**32, "seed: expected an integer in 0..4294967295"),
     ("guidance", float("nan"), "guidance: expected a finite number"),
     ("eta", -1.0, "eta: expected a number in [0, 1]"),
-    ("scheduler", "euler", "scheduler: unknown 'euler'"),
+    ("scheduler", "heun", "scheduler: unknown 'heun'"),
     ("dtype", "float64", "dtype: unknown 'float64'"),
     ("size", (0, 16), "size: expected (height, width)"),
     ("attention", "flash", "attention: unknown 'flash'"),
@@ -170,8 +170,8 @@ def test_the_api_checks_its_arguments_with_the_same_checks():
         pipe.generate(pixels, params, num_inference_steps=0)
     with pytest.raises(SettingsError, match="^guidance_scale: expected a finite number"):
         pipe.generate(pixels, params, guidance_scale=float("inf"))
-    with pytest.raises(SettingsError, match="^scheduler: unknown 'euler'"):
-        ImageVariationPipeline.from_pretrained("tiny", scheduler="euler")
+    with pytest.raises(SettingsError, match="^scheduler: unknown 'heun'"):
+        ImageVariationPipeline.from_pretrained("tiny", scheduler="heun")
 
 
 # ----------------------------------------------------------------------

@@ -83,7 +83,7 @@ def test_from_pretrained_tiny_honours_the_options():
     with pytest.raises(ValueError, match="revision"):
         ImageVariationPipeline.from_pretrained("tiny", revision="v2.0")
     with pytest.raises(ValueError, match="scheduler"):
-        ImageVariationPipeline.from_pretrained("tiny", scheduler="euler")
+        ImageVariationPipeline.from_pretrained("tiny", scheduler="heun")
     with pytest.raises(ValueError, match="^dtype: unsupported 'float64'"):
         ImageVariationPipeline.from_pretrained("tiny", dtype="float64")
     with pytest.raises(ValueError, match="^vae_dtype: unsupported 'int8'"):
