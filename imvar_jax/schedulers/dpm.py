@@ -59,10 +59,10 @@ class DPMSolverMultistepScheduler:
         else:
             timesteps = descending_timesteps(cfg, n).astype(np.int64)  # "trailing"
         check_timestep_range(timesteps, cfg)
-        table = train_sigmas(cfg)
         if cfg.use_karras_sigmas:
             timesteps, sigmas = karras_sigmas(cfg, n)
         else:
+            table = train_sigmas(cfg)
             sigmas = np.interp(timesteps, np.arange(len(table)), table)
         sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)  # [len(timesteps) + 1]
         return DPMState(timesteps=jnp.asarray(timesteps, jnp.int32), init_noise_sigma=jnp.float32(1.0),

@@ -20,6 +20,18 @@ from flax import struct
 from .common import SchedulerConfig, check_num_inference_steps, check_sample_shape, exportable, sigma_schedule
 
 
+def ode_derivative(prediction_type: str, model_output: jax.Array, sigma: jax.Array, x: jax.Array) -> jax.Array:
+    """dx/dsigma = (x - x0_pred) / sigma of the probability-flow ODE, x0 predicted from the UNet's output at
+    noise level sigma (float32; shared with LMS)."""
+    e = jnp.asarray(model_output).astype(jnp.float32)
+    if prediction_type == "epsilon":
+        x0 = x - sigma * e
+    else:
+        # v-prediction on the scaled input x / sqrt(sigma^2 + 1) (Salimans & Ho, 2022).
+        x0 = e * (-sigma / jnp.sqrt(sigma ** 2 + 1)) + x / (sigma ** 2 + 1)
+    return (x - x0) / sigma
+
+
 @exportable
 @struct.dataclass
 class EulerState:
@@ -51,13 +63,7 @@ class EulerDiscreteScheduler:
         return sample / jnp.sqrt(state.sigmas[step_index] ** 2 + 1)
 
     def _derivative(self, model_output: jax.Array, sigma: jax.Array, x: jax.Array) -> jax.Array:
-        e = jnp.asarray(model_output).astype(jnp.float32)
-        if self.config.prediction_type == "epsilon":
-            x0 = x - sigma * e
-        else:
-            # v-prediction on the scaled input x / sqrt(sigma^2 + 1) (Salimans & Ho, 2022).
-            x0 = e * (-sigma / jnp.sqrt(sigma ** 2 + 1)) + x / (sigma ** 2 + 1)
-        return (x - x0) / sigma
+        return ode_derivative(self.config.prediction_type, model_output, sigma, x)
 
     def step(self, state: EulerState, model_output: jax.Array, step_index: jax.Array, sample: jax.Array, *,
              eta: jax.Array | float = 0.0, variance_noise: jax.Array | None = None) -> tuple[jax.Array, EulerState]:

@@ -19,6 +19,7 @@ from flax import struct
 from numpy.polynomial import Polynomial
 
 from .common import SchedulerConfig, check_num_inference_steps, check_sample_shape, exportable, sigma_schedule
+from .euler import ode_derivative
 
 ORDER = 4
 
@@ -64,15 +65,8 @@ class LMSDiscreteScheduler:
     def step(self, state: LMSState, model_output: jax.Array, step_index: jax.Array, sample: jax.Array, *,
              eta: jax.Array | float = 0.0, variance_noise: jax.Array | None = None) -> tuple[jax.Array, LMSState]:
         """One linear multistep step; deterministic, so ``eta`` and ``variance_noise`` are ignored."""
-        e = jnp.asarray(model_output).astype(jnp.float32)
         x = jnp.asarray(sample).astype(jnp.float32)
-        sigma = state.sigmas[step_index]
-        if self.config.prediction_type == "epsilon":
-            x0 = x - sigma * e
-        else:
-            # v-prediction on the scaled input x / sqrt(sigma^2 + 1) (Salimans & Ho, 2022).
-            x0 = e * (-sigma / jnp.sqrt(sigma ** 2 + 1)) + x / (sigma ** 2 + 1)
-        derivative = (x - x0) / sigma
+        derivative = ode_derivative(self.config.prediction_type, model_output, state.sigmas[step_index], x)
         history = jnp.concatenate([derivative[None], state.derivatives[:-1]])
         coeffs = state.coeffs[step_index]
         # Until the history is full the missing terms have weight 0 (and hold zeros).

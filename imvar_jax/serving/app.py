@@ -38,9 +38,8 @@ from .settings import RequestError, ServeSettings, request_work
 
 log = logging.getLogger(__name__)
 
-_TYPES = {400: "invalid_request_error", 401: "invalid_request_error", 404: "invalid_request_error",
-          405: "invalid_request_error", 408: "invalid_request_error", 413: "invalid_request_error",
-          429: "rate_limit_error", 500: "server_error", 503: "server_error"}
+# OpenAI's error types by status; every other 4xx is an invalid request.
+_TYPES = {429: "rate_limit_error", 500: "server_error", 503: "server_error"}
 
 
 def error_response(status: int, message: str, param: str | None = None, code: str | None = None,
