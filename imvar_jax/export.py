@@ -33,7 +33,7 @@ from .models import abstract_params as _abstract_params
 from .models.layers import target_platform
 from .models.unet import UNet2DConditionModel
 from .pipeline import ImageVariationPipeline
-from .sampling import Models, Sampled, SampleOptions, sample
+from .sampling import Conditioning, Models, Sampled, SampleOptions, sample
 
 # jax.Device.platform says "gpu" for NVIDIA GPUs; jax.export names the platform "cuda".
 _EXPORT_NAMES = {"gpu": "cuda"}
@@ -80,7 +80,9 @@ def export_sample(pipe: ImageVariationPipeline, params: dict[str, Any], *, batch
 
     def program(params, pixel_values, key_data, guidance_scale, eta, sched_state) -> Sampled:
         zero = jnp.int32(0)
-        return sample(models, opts, params, pixel_values, jax.random.wrap_key_data(key_data), None,
+        one_source = jnp.ones((pixel_values.shape[0], 1), jnp.float32)  # each input conditions its own pictures
+        cond = Conditioning(pixel_values[:, None], one_source, jnp.zeros_like(one_source))
+        return sample(models, opts, params, cond, jax.random.wrap_key_data(key_data), None,
                       guidance_scale, eta, sched_state, zero, zero)
 
     s = pipe.image_encoder.config.image_size

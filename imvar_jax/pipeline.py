@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from . import memory
+from .conditioning import check_weights, path_weights
 from .errors import NonFiniteError, shown
 from .hub import DEFAULT_MODEL
 from .loading import load_model
@@ -28,9 +29,10 @@ from .models.vae import AutoencoderKL, sample_latent
 from .parallel import (PicturePlan, Placement, as_key, on_device, picture_keys, picture_plan, replicate,
                        replicated_devices, seeded_picture_keys, unreplicate)
 from .precision import resolve_dtypes
-from .preprocessing import prepare_inputs, to_pil
-from .sampling import Models, SampleOptions, sample
+from .preprocessing import prepare_init_images, prepare_inputs, to_pil
+from .sampling import Conditioning, Models, SampleOptions, encode_sources, sample
 from .schedulers import SD_V1_SCHEDULER_CONFIG, make_scheduler
+from .schedulers.common import start_step
 from .settings import (MAX_PICTURES_PER_DEVICE, MAX_SIDE, SEED_LIMIT, GenerationSettings, SettingsError, check_value,
                        positive_int)
 
@@ -249,6 +251,22 @@ class ImageVariationPipeline:
 
         return self._compiled("encode_image", lambda: jax.jit(run))(params["image_encoder"], jnp.asarray(pixel_values))
 
+    def image_embeddings(self, images: Any, params: dict[str, Any], preprocessing: str = "v2") -> np.ndarray:
+        """CLIP image embeddings ``[N, D]`` float32 of ``images`` (anything ``prepare_inputs`` takes), as the
+        sampling program computes them (one picture at a time), for ``generate(image_embeds=...)``.
+
+        ``params`` may be plain or ``replicate``d; the embeddings are computed on one of their devices.
+        """
+        encoder = params["image_encoder"] if isinstance(params, Mapping) and "image_encoder" in params else None
+        if encoder is None:
+            raise ValueError("params: expected the pipeline's params, with 'image_encoder'")
+        if replicated_devices(params) is not None:
+            encoder = jax.tree.map(lambda a: a[0], encoder)
+        models = Models(self.unet, self.vae, self.image_encoder)
+        program = self._compiled("image_embeddings", lambda: jax.jit(
+            lambda p, x: encode_sources(models, {"image_encoder": p}, x)))
+        return np.asarray(program(encoder, jnp.asarray(self.prepare_inputs(images, preprocessing))))
+
     def predict_noise(self, params: dict[str, Any], latents: jax.Array, timestep: jax.Array | int,
                       image_embeds: jax.Array) -> jax.Array:
         """UNet noise prediction; ``latents`` and the result are ``[N, C, h, w]`` as in diffusers."""
@@ -336,45 +354,54 @@ class ImageVariationPipeline:
         """One jitted program per static option set and placement."""
         models = Models(self.unet, self.vae, self.image_encoder)
 
-        def generate(params, pixel_values, key_data, latents, guidance_scale, eta, sched_state, every, warmup,
-                     call_id):
-            return sample(models, opts, params, pixel_values, jax.random.wrap_key_data(key_data), latents,
+        def generate(params, sources, weights, negative_weights, init_pixels, key_data, latents, start,
+                     guidance_scale, eta, sched_state, every, warmup, call_id):
+            cond = Conditioning(sources, weights, negative_weights, init_pixels, start)
+            return sample(models, opts, params, cond, jax.random.wrap_key_data(key_data), latents,
                           guidance_scale, eta, sched_state, every, warmup, _CALLBACKS.dispatch, call_id)
 
-        batch_args = (True, True, opts.latents_given, False, False, False, False, False, False)
+        batch_args = (True, True, True, opts.from_image, True, opts.latents_given, False, False, False, False, False,
+                      False, False)
         return self._compiled(("sample", opts, placement, stacked),
                               lambda: placement.program(generate, stacked, batch_args))
 
     def _sample_executable(self, opts: SampleOptions, placement: Placement, params: dict[str, Any], stacked: bool,
-                           rows: int, steps: int, latent_shape: tuple[int, int, int]) -> Any:
+                           rows: int, steps: int, latent_shape: tuple[int, int, int],
+                           source_shape: tuple[int, ...]) -> Any:
         """The compiled sampling program for ``rows`` inputs per call, compiled once per shape.
 
         It is compiled from abstract arguments, so its memory can be checked before anything of
         the call's size is allocated; the same executable then runs the call.
         """
         params_key = _signature(params)
-        key = ("sample-exe", opts, placement, stacked, rows, steps, params_key)
+        key = ("sample-exe", opts, placement, stacked, rows, steps, params_key, source_shape)
         with self._lock:
             found = self._programs.get(key)
         if found is not None:
             return found
         with self._compile_lock:  # two threads asking for one new shape compile it once
             return self._programs.get(key) or self._compile_sample(key, opts, placement, params, stacked, rows,
-                                                                   steps, latent_shape)
+                                                                   steps, latent_shape, source_shape)
 
     def _compile_sample(self, key: Any, opts: SampleOptions, placement: Placement, params: dict[str, Any],
-                        stacked: bool, rows: int, steps: int, latent_shape: tuple[int, int, int]) -> Any:
+                        stacked: bool, rows: int, steps: int, latent_shape: tuple[int, int, int],
+                        source_shape: tuple[int, ...]) -> Any:
         per_device = rows * opts.num_images_per_prompt // len(placement)
         c, h, w = latent_shape
         split, whole = placement.batch_sharding, placement.replicated_sharding
-        s = self.image_encoder.config.image_size
+        f = self.vae_scale_factor
         n_out = rows * opts.num_images_per_prompt
         state = jax.eval_shape(lambda: self.scheduler.set_timesteps(steps, (per_device, h, w, c)))
         scalar = {dtype: jax.ShapeDtypeStruct((), dtype, sharding=whole) for dtype in (jnp.float32, jnp.int32)}
-        args = (params, jax.ShapeDtypeStruct((rows, 3, s, s), jnp.float32, sharding=split),
+
+        def rows_of(*shape: int, dtype: Any = jnp.float32) -> jax.ShapeDtypeStruct:
+            return jax.ShapeDtypeStruct((rows, *shape), dtype, sharding=split)
+
+        args = (params, rows_of(opts.sources, *source_shape), rows_of(opts.sources), rows_of(opts.sources),
+                rows_of(3, h * f, w * f) if opts.from_image else None,
                 jax.ShapeDtypeStruct((n_out, 2), jnp.uint32, sharding=split),
                 jax.ShapeDtypeStruct((n_out, c, h, w), jnp.float32, sharding=split) if opts.latents_given else None,
-                scalar[jnp.float32], scalar[jnp.float32],
+                scalar[jnp.int32], scalar[jnp.float32], scalar[jnp.float32],
                 jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=whole), state),
                 scalar[jnp.int32], scalar[jnp.int32], scalar[jnp.int32])
         compiled = self._sample_program(opts, placement, stacked).lower(*args).compile()
@@ -491,12 +518,14 @@ class ImageVariationPipeline:
     # Sampling
     # ------------------------------------------------------------------
 
-    def _run(self, placement: Placement, params: dict[str, Any], stacked: bool, k: int, pixel_values: np.ndarray,
-             rows: np.ndarray, indices: np.ndarray, latents: np.ndarray | None, seed: "int | jax.Array | _InputSeeds",
-             steps: int, guidance: float, eta: float, size: tuple[int, int], callback: Callable[..., None] | None,
-             callback_steps: int, setting: str) -> tuple[np.ndarray, np.ndarray | None, list[str | None]]:
-        """The sampling program on ``placement`` for inputs ``pixel_values[rows]`` (``rows`` a multiple of the device
-        count long), ``k`` pictures each, picture p's noise from ``indices[p]``; then the safety check there.
+    def _run(self, placement: Placement, params: dict[str, Any], stacked: bool, k: int, cond: "_Rows",
+             inputs: np.ndarray, indices: np.ndarray, latents: np.ndarray | None,
+             seed: "int | jax.Array | _InputSeeds", steps: int, guidance: float, eta: float, size: tuple[int, int],
+             callback: Callable[..., None] | None, callback_steps: int,
+             setting: str) -> tuple[np.ndarray, np.ndarray | None, list[str | None]]:
+        """The sampling program on ``placement`` for the rows of ``cond`` (a multiple of the device count, row r
+        holding input ``inputs[r]``), ``k`` pictures each, picture p's noise from ``indices[p]``; then the safety
+        check there.
 
         Returns this process's pictures (the positions ``placement.local_slots(len(rows) * k)``: all of them in
         a single process), their safety flags and, per picture, where it went non-finite (None if it did not);
@@ -506,40 +535,56 @@ class ImageVariationPipeline:
         height, width = size
         f = self.vae_scale_factor
         latent_shape = (self.unet.config.in_channels, height // f, width // f)
-        n_out = len(rows) * k
+        rows = len(cond.weights)
+        n_out = rows * k
         per_device = n_out // len(placement)
         if per_device > MAX_PICTURES_PER_DEVICE:
             raise SettingsError(f"{setting}: {per_device} pictures per device in one call, more than "
                                 f"{MAX_PICTURES_PER_DEVICE}")
+        from_image = cond.init_pixels is not None
+        try:
+            start = start_step(steps, cond.strength) if from_image else 0
+        except ValueError as e:
+            raise SettingsError(str(e)) from None
         opts = SampleOptions(num_images_per_prompt=k, latent_size=latent_shape[1:], do_cfg=guidance > 1.0,
                              latents_given=latents is not None, with_callback=callback is not None,
-                             scheduler=self.scheduler)
+                             scheduler=self.scheduler, sources=cond.weights.shape[1], embeds_given=cond.embeds_given,
+                             mix=cond.mix, from_image=from_image)
         models = {n: params[n] for n in ("unet", "vae", "image_encoder")}
-        executable = self._sample_executable(opts, placement, models, stacked, len(rows), steps, latent_shape)
+        source_shape = cond.sources.shape[2:]
+        executable = self._sample_executable(opts, placement, models, stacked, rows, steps, latent_shape,
+                                             source_shape)
         resident = _bytes_per_device(models, len(placement) if stacked else 1)
 
         def one_picture() -> int | None:
             # Memory at one picture per device: the second point that says how many fit.
             single = dataclasses.replace(opts, num_images_per_prompt=1)
-            probe = self._sample_executable(single, placement, models, stacked, len(placement), steps, latent_shape)
+            probe = self._sample_executable(single, placement, models, stacked, len(placement), steps, latent_shape,
+                                            source_shape)
             return memory.needed_bytes(probe, resident)
 
         # Each process can only see its own devices' memory; one that does not fit stops there.
         memory.check_fits(memory.needed_bytes(executable, resident), per_device, size, placement.local_devices,
                           setting, one_picture)
 
-        sched_state = self.scheduler.set_timesteps(steps, (per_device, *latent_shape[1:], latent_shape[0]))
+        try:
+            sched_state = self.scheduler.set_timesteps(steps, (per_device, *latent_shape[1:], latent_shape[0]), start)
+        except ValueError as e:
+            raise SettingsError(f"strength: {e}" if start else str(e)) from None
         warmup = sched_state.timesteps.shape[0] - steps
         if isinstance(seed, _InputSeeds):
-            keys = seeded_picture_keys(seed.seeds[np.repeat(rows, k)], indices)
+            keys = seeded_picture_keys(seed.seeds[np.repeat(inputs, k)], indices)
         else:
             keys = picture_keys(seed, indices)
         key_data = np.asarray(jax.random.key_data(keys))  # [B*k, 2]
         with _CALLBACKS.active(callback) as call_id:
-            scalars = placement.whole((np.float32(guidance), np.float32(eta), sched_state, np.int32(callback_steps),
-                                       np.int32(warmup), np.int32(call_id)))
-            out = executable(models, placement.split(pixel_values[rows]), placement.split(key_data),
-                             None if latents is None else placement.split(latents), *scalars)
+            start_arg, *scalars = placement.whole((np.int32(start), np.float32(guidance), np.float32(eta), sched_state,
+                                                   np.int32(callback_steps), np.int32(warmup), np.int32(call_id)))
+            out = executable(models, placement.split(cond.sources), placement.split(cond.weights),
+                             placement.split(cond.negative_weights),
+                             None if cond.init_pixels is None else placement.split(cond.init_pixels),
+                             placement.split(key_data), None if latents is None else placement.split(latents),
+                             start_arg, *scalars)
             # This process's pictures only (all of them in a single process): [local slots, H, W, 3],
             # writable, as flagged ones are blacked out.
             images = np.array(placement.local(out.images))
@@ -645,8 +690,8 @@ class ImageVariationPipeline:
             placement, stacked = Placement.of([device]), False
         plan = picture_plan(n_in, k, first_index)
         images, flags, where = self._run(
-            placement, params, stacked, k, pixel_values.reshape(n_in, 3, s, s), np.arange(n_in), plan.index, latents,
-            prng_seed, steps, guidance, eta, size, callback, callback_steps,
+            placement, params, stacked, k, _Rows.plain(pixel_values.reshape(n_in, 3, s, s)), np.arange(n_in),
+            plan.index, latents, prng_seed, steps, guidance, eta, size, callback, callback_steps,
             "num_images_per_prompt" if k > 1 else "pixel_values")
         return self._output(images, flags, where, plan.index, placement.local_slots(len(plan.index)), plan.count,
                             output_type)
@@ -662,7 +707,9 @@ class ImageVariationPipeline:
                  num_inference_steps: int = 50, guidance_scale: float = 7.5, height: int | None = None,
                  width: int | None = None, eta: float = 0.0, output_type: str = "np",
                  callback: Callable[[int, int, np.ndarray], None] | None = None, callback_steps: int = 1,
-                 slots: int | None = None) -> ImageVariationOutput:
+                 slots: int | None = None, *, mix_weights: Sequence[float] | None = None, mix_method: str = "slerp",
+                 negative_image: Any = None, image_embeds: Any = None, negative_image_embeds: Any = None,
+                 strength: float = 1.0, init_image: Any = None) -> ImageVariationOutput:
         """Prepare ``images``, spread their pictures over the devices, generate, return the flat output.
 
         ``images``: anything ``prepare_inputs`` accepts (PIL images, arrays, pixel values).
@@ -680,7 +727,60 @@ class ImageVariationPipeline:
         keeps its index i*k + j, so its noise), so one input with 8 variations fills 8 devices
         instead of padding every device to 8 pictures. ``slots`` pads every call to that many
         pictures (a multiple of the device count), so calls with fewer inputs reuse one program.
+
+        Creative controls (the weights and ``strength`` are traced: changing them compiles nothing):
+
+        - ``mix_weights``: one weight >= 0 per input; the inputs become one input whose embedding is their
+          mix (``mix_method``: ``"slerp"`` on the unit sphere with the norm interpolated, or ``"linear"``, a
+          weighted sum; see ``imvar_jax.mix_embeddings``), varied ``num_images_per_prompt`` times.
+        - ``negative_image``: a picture whose embedding replaces the zero embedding of classifier-free
+          guidance's unconditional half, so the pictures move away from it (``negative_image_embeds``: its
+          embedding ``[D]`` instead).
+        - ``image_embeds``: CLIP image embeddings ``[N, D]`` (``encode_image``'s, or your own arithmetic) in
+          place of ``images`` (pass ``images=None``).
+        - ``strength`` in (0, 1]: below 1, start from a picture's own VAE latents noised to that level and run
+          the last ``int(strength * num_inference_steps)`` steps (diffusers' img2img rule), keeping its layout.
+          The picture is each input's own, or ``init_image`` (required with ``mix_weights`` or embeddings),
+          resized to the output size.
         """
+        return self._generate(images, params, seed, num_images_per_prompt, preprocessing, latents, devices,
+                              first_index, num_inference_steps, guidance_scale, height, width, eta, output_type,
+                              callback, callback_steps, slots, mix_weights, mix_method, negative_image, image_embeds,
+                              negative_image_embeds, strength, init_image, frames=None)
+
+    def interpolate(self, images: Any, params: dict[str, Any], frames: int = 8, seed: int | jax.Array = 0,
+                    mix_method: str = "slerp", num_images_per_prompt: int = 1, preprocessing: str = "v2",
+                    devices: Sequence[jax.Device] | None = None, first_index: int = 0,
+                    num_inference_steps: int = 50, guidance_scale: float = 7.5, height: int | None = None,
+                    width: int | None = None, eta: float = 0.0, output_type: str = "np",
+                    callback: Callable[[int, int, np.ndarray], None] | None = None, callback_steps: int = 1,
+                    slots: int | None = None, *, negative_image: Any = None, image_embeds: Any = None,
+                    negative_image_embeds: Any = None, strength: float = 1.0,
+                    init_image: Any = None) -> ImageVariationOutput:
+        """``frames`` pictures along the path through the embeddings of ``images`` (two or more, in order; or
+        ``image_embeds``), evenly spaced, the first and last frames at the first and last picture.
+
+        Every frame starts from the same noise (that of picture ``first_index`` and on), so only the
+        conditioning moves and the sweep is smooth; output picture ``f*k + j`` is variation j of frame f.
+        ``mix_method`` is how neighbours are blended (``"slerp"`` by default, or ``"linear"``); the other
+        arguments are ``generate``'s. A frame's position is a traced weight: every frame runs one program.
+        """
+        if isinstance(first_index, bool) or not isinstance(first_index, (int, np.integer)):
+            raise ValueError(f"first_index: expected an int, got {shown(first_index)}")
+        return self._generate(images, params, seed, num_images_per_prompt, preprocessing, None, devices,
+                              first_index, num_inference_steps, guidance_scale, height, width, eta, output_type,
+                              callback, callback_steps, slots, None, mix_method, negative_image, image_embeds,
+                              negative_image_embeds, strength, init_image,
+                              frames=check_value("frames", frames))
+
+    def _generate(self, images: Any, params: dict[str, Any], seed: Any, num_images_per_prompt: Any,
+                  preprocessing: Any, latents: Any, devices: Any, first_index: Any, num_inference_steps: Any,
+                  guidance_scale: Any, height: Any, width: Any, eta: Any, output_type: Any, callback: Any,
+                  callback_steps: Any, slots: Any, mix_weights: Any, mix_method: Any, negative_image: Any,
+                  image_embeds: Any, negative_image_embeds: Any, strength: Any, init_image: Any, *,
+                  frames: int | None) -> ImageVariationOutput:
+        """``generate`` and ``interpolate``: ``frames`` None makes one input per picture, or one mix with
+        ``mix_weights``; an int makes that many inputs along the path through the pictures."""
         per_input = seed if isinstance(seed, (list, tuple)) else None
         k, steps, guidance, eta, callback_steps, size, seed = self._check_call(
             num_images_per_prompt, num_inference_steps, guidance_scale, eta, callback, callback_steps, output_type,
@@ -688,26 +788,60 @@ class ImageVariationPipeline:
         if per_input is not None:
             seed = _InputSeeds(np.asarray([check_value("seed", s, f"seed[{i}]") for i, s in enumerate(per_input)],
                                           np.int64))
+        mix_method = check_value("mix_method", mix_method)
+        strength = check_value("strength", strength)
         if slots is not None:
             slots = positive_int("slots", slots)
         if devices is not None:
             devices = Placement.of(devices).devices  # an empty or odd list is refused here, by name
+        embeds = None
+        if image_embeds is not None:
+            if images is not None:
+                raise ValueError("images: give images or image_embeds, not both (pass images=None)")
+            embeds = self._check_embeds(image_embeds, "image_embeds")
+        elif images is None:
+            raise ValueError("images: expected pictures (or image_embeds=...), got None")
+        if (negative_image_embeds is not None) + (negative_image is not None) > 1:
+            raise ValueError("negative_image: give negative_image or negative_image_embeds, not both")
+        if embeds is None and negative_image_embeds is not None:
+            raise ValueError("negative_image_embeds: with pictures give negative_image (or pass image_embeds)")
+        negative = negative_image is not None or negative_image_embeds is not None
+        if strength < 1 and init_image is None and (embeds is not None or mix_weights is not None
+                                                    or frames is not None):
+            raise ValueError("init_image: strength < 1 with mix_weights, interpolation or image_embeds needs the "
+                             "picture to start from (init_image=...)")
         on = replicated_devices(params) if isinstance(params, Mapping) else None
         self._check_params(params, None if on is None else len(on))
         placement, params, stacked = self._placed(params, devices)
         if slots is not None and slots > MAX_PICTURES_PER_DEVICE * len(placement):
             raise SettingsError(f"slots: {slots} is more than {MAX_PICTURES_PER_DEVICE} pictures per device on "
                                 f"{len(placement)} devices")
-        planned: list[PicturePlan] = []
+        planned: list[tuple[PicturePlan, _Mixes]] = []
 
         def needed(n: int) -> np.ndarray:
-            # Each process prepares only the inputs its own devices vary (every input in a single process).
-            planned.append(picture_plan(n, k, first_index, multiple=len(placement), slots=slots))
-            return planned[0].inputs[placement.local_slots(len(planned[0].source))]
+            # Each process prepares only the sources its own devices' pictures use (all of them in a single process).
+            mixes = _Mixes.build(n, mix_weights, frames, negative)
+            starts = first_index if frames is None else [first_index] * len(mixes.weights)
+            planned.append((picture_plan(len(mixes.weights), k, starts, multiple=len(placement), slots=slots), mixes))
+            plan = planned[0][0]
+            local = plan.inputs[placement.local_slots(len(plan.source))]
+            return np.unique(mixes.sources[local][:, :n])
 
-        pixel_values = self.prepare_inputs(images, preprocessing, only=needed)
-        (plan,) = planned
-        n = pixel_values.shape[0]
+        if embeds is not None:
+            needed(len(embeds))
+            sources = embeds
+            if negative_image is not None:
+                # The sources of one call are all embeddings: the negative picture becomes one too.
+                sources = np.concatenate([sources, self.image_embeddings([negative_image], params, preprocessing)])
+            elif negative:
+                sources = np.concatenate([sources, self._check_embeds(negative_image_embeds, "negative_image_embeds",
+                                                                      single=True)])
+        else:
+            sources = self.prepare_inputs(images, preprocessing, only=needed)
+            if negative:
+                sources = np.concatenate([sources, self.prepare_inputs([negative_image], preprocessing)])
+        ((plan, mixes),) = planned
+        n = len(mixes.weights)
         if isinstance(seed, _InputSeeds) and len(seed.seeds) != n:
             raise SettingsError(f"seed: {len(seed.seeds)} seeds for {n} inputs (give one per input, or one int)")
         mine = placement.local_slots(len(plan.source))
@@ -716,10 +850,89 @@ class ImageVariationPipeline:
             latents = self._check_latents(
                 latents, (n * k, self.unet.config.in_channels, size[0] // f, size[1] // f),
                 f"(inputs x num_images_per_prompt, C, H/{f}, W/{f})")[plan.source]
+        init_pixels = None
+        if strength < 1:
+            local_inputs = plan.inputs[mine]
+            if init_image is not None:
+                one = prepare_init_images([init_image], *size, clip_side=self.image_encoder.config.image_size,
+                                          name="init_image")
+                init_pixels = np.repeat(one, len(plan.source), axis=0)  # [P, 3, H, W]
+            else:
+                init_pixels = prepare_init_images(images, *size, clip_side=self.image_encoder.config.image_size,
+                                                  only=lambda _: local_inputs)[plan.inputs]
+        rows = plan.inputs
+        cond = _Rows(sources[mixes.sources[rows]], mixes.weights[rows], mixes.negative_weights[rows],
+                     embeds_given=embeds is not None, mix=mix_method, init_pixels=init_pixels, strength=strength)
         setting = "slots" if slots is not None else "num_images_per_prompt" if k > 1 else "images"
-        images, flags, where = self._run(placement, params, stacked, 1, pixel_values, plan.inputs, plan.index, latents,
+        images, flags, where = self._run(placement, params, stacked, 1, cond, plan.inputs, plan.index, latents,
                                          seed, steps, guidance, eta, size, callback, callback_steps, setting)
         return self._output(images, flags, where, plan.index, mine, plan.count, output_type)
+
+    def _check_embeds(self, embeds: Any, name: str, single: bool = False) -> np.ndarray:
+        """CLIP image embeddings as float32 ``[N, D]`` (``[D]`` or ``[N, 1, D]`` accepted; one row if ``single``)."""
+        d = self.unet.config.cross_attention_dim
+        want = f"[{d}]" if single else f"[N, {d}]"
+        try:
+            x = np.asarray(embeds, np.float32)
+        except (TypeError, ValueError):
+            raise ValueError(f"{name}: expected a float array {want}, got {shown(embeds)}") from None
+        if x.ndim == 3 and x.shape[1] == 1:
+            x = x[:, 0]
+        if x.ndim == 1:
+            x = x[None]
+        if x.ndim != 2 or x.shape[1] != d or x.shape[0] == 0 or (single and x.shape[0] != 1):
+            raise ValueError(f"{name}: expected a float array {want} (the image encoder's projection), "
+                             f"got shape {tuple(np.shape(embeds))}")
+        if not np.isfinite(x).all():
+            raise ValueError(f"{name}: contain NaN or infinity")
+        return x
+
+@dataclass(frozen=True)
+class _Rows:
+    """The host inputs of one sampling call, one row per input it runs (``sampling.Conditioning``'s arrays)."""
+
+    sources: np.ndarray  # [R, M, 3, S, S] float32 pixel values, or [R, M, D] embeddings
+    weights: np.ndarray  # [R, M] float32
+    negative_weights: np.ndarray  # [R, M] float32
+    embeds_given: bool = False
+    mix: str = "linear"
+    init_pixels: np.ndarray | None = None  # [R, 3, H, W] in [-1, 1]: img2img's starting pictures
+    strength: float = 1.0
+
+    @classmethod
+    def plain(cls, pixel_values: np.ndarray) -> "_Rows":
+        """Each row varies its own picture ``[R, 3, S, S]``, as diffusers' pipeline does."""
+        ones = np.ones((len(pixel_values), 1), np.float32)
+        return cls(pixel_values[:, None], ones, np.zeros_like(ones))
+
+
+@dataclass(frozen=True)
+class _Mixes:
+    """Which sources each input of a ``generate`` call mixes, and with what weights (host tables)."""
+
+    sources: np.ndarray  # [L, M] int: rows of the source list (the pictures, then the negative one)
+    weights: np.ndarray  # [L, M] float32
+    negative_weights: np.ndarray  # [L, M] float32
+
+    @classmethod
+    def build(cls, n: int, mix_weights: Any, frames: int | None, negative: bool) -> "_Mixes":
+        """For ``n`` pictures: one input each, or one mix of them all (``mix_weights``), or ``frames`` inputs
+        along their path; with a ``negative`` picture (source ``n``) as every input's unconditional half."""
+        if frames is not None:
+            weights = path_weights(n, frames)  # [F, n]
+            sources = np.broadcast_to(np.arange(n), weights.shape)
+        elif mix_weights is not None:
+            weights = check_weights(mix_weights, n)[None]  # [1, n]
+            sources = np.arange(n)[None]
+        else:
+            weights = np.ones((n, 1), np.float32)
+            sources = np.arange(n)[:, None]
+        negative_weights = np.zeros_like(weights)
+        if negative:
+            sources = np.concatenate([sources, np.full((len(weights), 1), n)], axis=1)
+            weights = np.concatenate([weights, np.zeros((len(weights), 1), np.float32)], axis=1)
+            negative_weights = np.concatenate([negative_weights, np.ones((len(weights), 1), np.float32)], axis=1)
+        return cls(np.asarray(sources), weights, negative_weights)
 
 
 @dataclass(frozen=True)

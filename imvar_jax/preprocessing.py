@@ -478,6 +478,31 @@ def prepare_inputs(images: Any, preprocessing: str = "clip", *, size: int = 224,
     return out
 
 
+def prepare_init_images(images: Any, height: int, width: int, *, clip_side: int = 224,
+                        only: Callable[[int], Iterable[int]] | None = None, name: str = "images") -> np.ndarray:
+    """Pictures -> float32 ``[N, 3, height, width]`` in [-1, 1] for the VAE encoder (img2img's starting picture).
+
+    As diffusers' ``VaeImageProcessor``: RGB (here through ``to_rgb``), resized to exactly
+    ``width x height`` with Pillow's Lanczos filter, then ``2 x / 255 - 1``. ``images`` are what
+    ``prepare_inputs`` takes except CLIP pixel values (``clip_side`` tells them apart), which no
+    longer hold the whole picture. ``only`` is ``prepare_inputs``' too.
+    """
+    collected = _collect(images, clip_side)
+    if isinstance(collected, np.ndarray):
+        raise ValueError(f"{name}: CLIP pixel values cannot start an img2img run (strength < 1); pass the "
+                         "pictures themselves")
+    wanted = range(len(collected)) if only is None else sorted(set(int(i) for i in only(len(collected))))
+    out = np.zeros((len(collected), 3, height, width), np.float32)  # [N, 3, H, W]
+    for i in wanted:
+        picture = collected[i]
+        where = f"{name}[{i}]" if len(collected) > 1 or isinstance(images, (list, tuple)) else name
+        if not isinstance(picture, Image.Image):
+            picture = _array_to_pil(picture if picture.dtype == np.uint8 else _float_to_uint8(picture))
+        rgb = to_rgb(picture, name=where).resize((width, height), Image.Resampling.LANCZOS)
+        out[i] = (np.asarray(rgb, np.float32) / 255.0 * 2.0 - 1.0).transpose(2, 0, 1)
+    return out
+
+
 def to_pil(images: Any) -> list[Image.Image]:
     """Float pictures ``[N, H, W, 3]`` (or ``[H, W, 3]``; 1 channel gives mode ``L``) in [0, 1] -> 8-bit
     PIL images, rounding ``x * 255`` as diffusers' ``numpy_to_pil`` does."""

@@ -1,9 +1,10 @@
-"""The pure sampling program: encode pictures, denoise in one ``lax.fori_loop``, decode.
+"""The pure sampling program: encode pictures, mix their embeddings, denoise in one ``lax.fori_loop``, decode.
 
 Everything here is traceable and device-local: the pipeline runs it on each device of a
-``parallel.Placement`` (``shard_map`` over a mesh, under ``jit``). Static choices (images per input, guidance on/off, whether
-latents are given) pick the program; ``guidance_scale``, ``eta``, the scheduler state
-(timesteps included) and ``callback_steps`` are traced values.
+``parallel.Placement`` (``shard_map`` over a mesh, under ``jit``). Static choices (images per input,
+guidance on/off, whether latents are given, how many sources each input mixes and how, img2img or not)
+pick the program; ``guidance_scale``, ``eta``, the mixing weights, the img2img start step, the
+scheduler state (timesteps included) and ``callback_steps`` are traced values.
 
 The program also reports where each picture first went non-finite (NaN or inf), so a numerical
 failure is named by step and picture instead of surfacing later as a broken PNG.
@@ -18,8 +19,9 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
-from .models.clip_vision import CLIPVisionModelWithProjection
 from .models.unet import UNet2DConditionModel
+from .conditioning import mix_embeddings
+from .models.clip_vision import CLIPVisionModelWithProjection
 from .models.vae import AutoencoderKL
 
 
@@ -34,7 +36,11 @@ class Models:
 
 @dataclass(frozen=True)
 class SampleOptions:
-    """Static settings: each distinct value compiles its own program."""
+    """Static settings: each distinct value compiles its own program.
+
+    Every output picture is conditioned on a weighted mix of ``sources`` embeddings (1 for a plain
+    variation); the weights themselves, and the step an img2img run starts at, are traced.
+    """
 
     num_images_per_prompt: int
     latent_size: tuple[int, int]  # (h, w)
@@ -42,6 +48,20 @@ class SampleOptions:
     latents_given: bool
     with_callback: bool
     scheduler: Any  # a schedulers.* object (frozen, hashable)
+    sources: int = 1  # M: the embeddings each input row mixes
+    embeds_given: bool = False  # the sources are CLIP image embeddings, not pixel values to encode
+    mix: str = "linear"  # conditioning.MIX_METHODS
+    from_image: bool = False  # start from a picture's VAE latents noised to the start step (strength < 1)
+
+
+class Conditioning(NamedTuple):
+    """What each input row is conditioned on (traced arrays; ``N`` rows, ``M`` sources each)."""
+
+    sources: jax.Array  # [N, M, 3, S, S] CLIP-normalised pixel values, or [N, M, D] embeddings
+    weights: jax.Array  # [N, M] float32: the conditional embedding's mix (conditioning.mix_embeddings)
+    negative_weights: jax.Array  # [N, M] float32: the unconditional one's; all 0 is the zero embedding
+    init_pixels: jax.Array | None = None  # [N, 3, H, W] in [-1, 1]: the picture img2img starts from
+    start: jax.Array | int = 0  # int32: the first loop step (img2img), 0 for a full run
 
 
 @partial(jax.export.register_namedtuple_serialization, serialized_name="imvar_jax.sampling.Sampled")
@@ -62,14 +82,37 @@ def latent_noise(key: jax.Array, channels: int, size: tuple[int, int], stream: i
     return jnp.transpose(z, (1, 2, 0))  # [h, w, C]
 
 
-def sample(models: Models, opts: SampleOptions, params: dict[str, Any], pixel_values: jax.Array,
+# The stream of each picture's key that draws its VAE posterior sample in img2img runs; the loop's streams are
+# 0 (starting noise) and 1 .. L (step noise), far below it.
+POSTERIOR_STREAM = 2**31 - 1
+
+
+def encode_sources(models: Models, params: dict[str, Any], pixel_values: jax.Array) -> jax.Array:
+    """CLIP image embeddings ``[P, D]`` float32 of pixel values ``[P, 3, S, S]``, one picture at a time.
+
+    One at a time, so a picture's embedding is the same to the bit whatever else is in the batch (a
+    matmul's blocking, and so its rounding, can change with the batch size); the encoder is a small
+    share of a sampling run.
+    """
+    encoder = models.image_encoder
+
+    def one(x: jax.Array) -> jax.Array:
+        return encoder.apply({"params": params["image_encoder"]},
+                             jnp.transpose(x, (1, 2, 0))[None].astype(encoder.dtype))[0]  # [D]
+
+    return jax.lax.map(one, pixel_values).astype(jnp.float32)
+
+
+def sample(models: Models, opts: SampleOptions, params: dict[str, Any], cond: Conditioning,
            keys: jax.Array, latents: jax.Array | None, guidance_scale: jax.Array, eta: jax.Array,
            sched_state: Any, callback_steps: jax.Array, callback_warmup: jax.Array,
            host_callback: Callable[..., None] | None = None, callback_id: jax.Array | int = 0) -> Sampled:
     """Generate ``N * k`` pictures ``[N*k, H, W, 3]`` float32 in [0, 1], with their finiteness (``Sampled``).
 
-    pixel_values: ``[N, 3, S, S]`` CLIP-normalised inputs; keys: ``[N*k]`` PRNG keys, one per
-    output picture, in output order (input-major); latents: ``[N*k, C, h, w]`` or None.
+    cond: each input row's sources, mixing weights and img2img start (``Conditioning``); keys: ``[N*k]``
+    PRNG keys, one per output picture, in output order (input-major); latents: ``[N*k, C, h, w]`` or None
+    (with ``from_image`` they replace the noise added to the picture's latents).
+    ``sched_state`` comes from ``set_timesteps(..., start)`` with the same start as ``cond.start``.
     ``host_callback(callback_id, step, timestep, latents)`` runs every ``callback_steps`` steps after
     the first ``callback_warmup`` loop iterations (PNDM's extra warm-up call), as diffusers calls it;
     ``callback_id`` is a traced value, so one compiled program serves every caller's callback.
@@ -79,21 +122,34 @@ def sample(models: Models, opts: SampleOptions, params: dict[str, Any], pixel_va
     k = opts.num_images_per_prompt
     channels = unet.config.in_channels
 
-    embeds = models.image_encoder.apply({"params": params["image_encoder"]},
-                                        jnp.transpose(pixel_values, (0, 2, 3, 1)).astype(dtype))  # [N, D]
-    embeds = jnp.repeat(embeds.astype(jnp.float32), k, axis=0)[:, None, :]  # [N*k, 1, D]
+    n, m = cond.weights.shape
+    if opts.embeds_given:
+        sources = cond.sources.astype(jnp.float32)  # [N, M, D]
+    else:
+        sources = encode_sources(models, params, cond.sources.reshape(n * m, *cond.sources.shape[2:]))
+        sources = sources.reshape(n, m, -1)  # [N, M, D]
+    embeds = mix_embeddings(sources, cond.weights, opts.mix)  # [N, D]
+    embeds = jnp.repeat(embeds, k, axis=0)[:, None, :]  # [N*k, 1, D]
     if opts.do_cfg:
-        # Unconditional half first, as diffusers concatenates; the zero embedding is the
-        # "no image" input the checkpoint was trained with.
-        context = jnp.concatenate([jnp.zeros_like(embeds), embeds])  # [2*N*k, 1, D]
+        # Unconditional half first, as diffusers concatenates. With no negative picture it is the zero
+        # embedding, the "no image" input the checkpoint was trained with.
+        if m > 1:
+            negative = jnp.repeat(mix_embeddings(sources, cond.negative_weights, opts.mix), k, axis=0)[:, None, :]
+        else:
+            negative = jnp.zeros_like(embeds)
+        context = jnp.concatenate([negative, embeds])  # [2*N*k, 1, D]
     else:
         context = embeds
 
     if opts.latents_given:
-        x = jnp.transpose(latents.astype(jnp.float32), (0, 2, 3, 1))  # [N*k, h, w, C]
+        noise = jnp.transpose(latents.astype(jnp.float32), (0, 2, 3, 1))  # [N*k, h, w, C]
     else:
-        x = jax.vmap(lambda key: latent_noise(key, channels, opts.latent_size, 0))(keys)
-    x = x * sched_state.init_noise_sigma
+        noise = jax.vmap(lambda key: latent_noise(key, channels, opts.latent_size, 0))(keys)
+    start = cond.start if opts.from_image else 0
+    if opts.from_image:
+        x = noised_picture_latents(models, params, cond.init_pixels, keys, k, noise, scheduler, sched_state, start)
+    else:
+        x = noise * sched_state.init_noise_sigma
 
     def body(i: jax.Array, carry):
         x, state, nonfinite_step = carry
@@ -103,8 +159,8 @@ def sample(models: Models, opts: SampleOptions, params: dict[str, Any], pixel_va
             inp = jnp.concatenate([inp, inp])
         eps = unet.apply({"params": params["unet"]}, inp.astype(dtype), t, context.astype(dtype))
         if opts.do_cfg:
-            uncond, cond = jnp.split(eps, 2)
-            eps = uncond + guidance_scale * (cond - uncond)
+            eps_uncond, eps_cond = jnp.split(eps, 2)
+            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
         # Step i's noise (DDIM's for eta, Euler ancestral's) is stream i + 1 of each picture's key; stream 0
         # made its latents.
         noise = (jax.vmap(lambda key: latent_noise(key, channels, x.shape[1:3], i + 1))(keys)
@@ -115,13 +171,15 @@ def sample(models: Models, opts: SampleOptions, params: dict[str, Any], pixel_va
         nonfinite_step = jnp.where((nonfinite_step < 0) & ~finite, i, nonfinite_step)
         if opts.with_callback:
             last = i == state.timesteps.shape[0] - 1
-            jax.lax.cond(((i + 1 > callback_warmup) | last) & (i % callback_steps == 0),
+            # Steps are counted from the run's own first step, as diffusers' img2img loop counts them.
+            run_step = i - start
+            jax.lax.cond(((run_step + 1 > callback_warmup) | last) & (run_step % callback_steps == 0),
                          lambda: jax.debug.callback(host_callback, callback_id, i, t, jnp.transpose(x, (0, 3, 1, 2))),
                          lambda: None)
         return x, state, nonfinite_step
 
     nonfinite_step = jnp.full((x.shape[0],), -1, jnp.int32)
-    x, _, nonfinite_step = jax.lax.fori_loop(0, sched_state.timesteps.shape[0], body,
+    x, _, nonfinite_step = jax.lax.fori_loop(start, sched_state.timesteps.shape[0], body,
                                              (x, sched_state, nonfinite_step))
 
     z = (x / vae.config.scaling_factor).astype(vae.dtype)
@@ -136,3 +194,23 @@ def sample(models: Models, opts: SampleOptions, params: dict[str, Any], pixel_va
     # would otherwise grow with the batch and set the largest batch a device can hold.
     images, decoded_finite = jax.lax.map(decode, z)  # [N*k, H, W, 3], [N*k]
     return Sampled(images, nonfinite_step, decoded_finite)
+
+
+def noised_picture_latents(models: Models, params: dict[str, Any], init_pixels: jax.Array, keys: jax.Array, k: int,
+                           noise: jax.Array, scheduler: Any, sched_state: Any, start: jax.Array) -> jax.Array:
+    """img2img's starting latents ``[N*k, h, w, C]``: each row's picture ``[N, 3, H, W]`` encoded by the VAE
+    (one at a time, as decoding), a posterior sample per output picture (its key's ``POSTERIOR_STREAM``),
+    scaled, and noised to loop step ``start`` with ``noise`` as the scheduler's forward process does."""
+    vae = models.vae
+
+    def encode(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        mean, logvar = vae.apply({"params": params["vae"]}, jnp.transpose(x, (1, 2, 0))[None].astype(vae.dtype),
+                                 method=AutoencoderKL.encode)
+        return mean[0], logvar[0]  # [h, w, C] each
+
+    mean, logvar = jax.lax.map(encode, init_pixels)  # [N, h, w, C]
+    mean, logvar = jnp.repeat(mean, k, axis=0), jnp.repeat(logvar, k, axis=0)  # [N*k, h, w, C]
+    channels = mean.shape[-1]
+    posterior = jax.vmap(lambda key: latent_noise(key, channels, mean.shape[1:3], POSTERIOR_STREAM))(keys)
+    latents = (mean + jnp.exp(0.5 * logvar) * posterior) * vae.config.scaling_factor
+    return scheduler.add_noise(sched_state, latents, noise, start)

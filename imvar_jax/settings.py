@@ -16,6 +16,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from .conditioning import MIX_METHODS
 from .errors import shown
 from .hub import DEFAULT_MODEL, DEFAULT_REVISION, TINY_MODEL
 from .models.layers import ATTENTION_IMPLS
@@ -90,6 +91,13 @@ def _unit_interval(name: str, value: Any) -> float:
     value = _number(name, value)
     if not 0.0 <= value <= 1.0:
         raise SettingsError(f"{name}: expected a number in [0, 1], got {shown(value)}")
+    return value
+
+
+def _strength(name: str, value: Any) -> float:
+    value = _number(name, value)
+    if not 0.0 < value <= 1.0:
+        raise SettingsError(f"{name}: expected a number in (0, 1], got {shown(value)}")
     return value
 
 
@@ -206,6 +214,14 @@ FIELDS: tuple[Field, ...] = (
           to_text=repr, from_text=_float_from_text),
     Field("seed", _seed, f"0..{SEED_LIMIT - 1}; picture n of the run (input i, variation j: n = i*K + j) "
           "uses fold_in(seed, n)", to_text=str, from_text=_int_from_text),
+    Field("strength", _strength, "below 1: start from each input picture's own latents noised to this level and run "
+          "the last strength x steps, keeping its layout (img2img); 1 starts from pure noise",
+          to_text=repr, from_text=_float_from_text),
+    Field("mix_method", _choice(MIX_METHODS), "how pictures' embeddings are mixed or interpolated: slerp (on the "
+          "sphere, norm interpolated) or linear (a weighted sum, which shrinks the norm between distant pictures)",
+          choices=MIX_METHODS),
+    Field("frames", _int_up_to(MAX_PICTURES_PER_DEVICE), "pictures along an interpolation's path (--interpolate), "
+          "the first and last at its ends", metavar="F", from_text=_int_from_text, recorded=False),
     Field("size", _optional(_size), f"output height x width in pixels, at most {MAX_SIDE} a side; what the "
           "devices' memory holds is checked before sampling (default: the model's, 512x512 for SD)",
           metavar="HxW", to_text=lambda v: "" if v is None else f"{v[0]}x{v[1]}",
@@ -253,6 +269,9 @@ class GenerationSettings:
     scheduler: str = "pndm"
     eta: float = 0.0
     seed: int = 0
+    strength: float = 1.0
+    mix_method: str = "slerp"
+    frames: int = 8
     size: tuple[int, int] | None = None
     preprocessing: str = "v2"
     dtype: str | None = None

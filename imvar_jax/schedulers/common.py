@@ -286,6 +286,28 @@ def check_num_inference_steps(num_inference_steps: Any, config: SchedulerConfig)
     return n
 
 
+def start_step(num_inference_steps: int, strength: float) -> int:
+    """The loop step an img2img run of ``strength`` in (0, 1] starts at: diffusers' img2img rule (its
+    ``get_timesteps``), which runs the last ``int(num_inference_steps * strength)`` steps.
+
+    Every scheduler here has diffusers' ``order`` 1, so the step is also the index into the timesteps.
+    """
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength: expected a number in (0, 1], got {strength!r}")
+    run = min(int(num_inference_steps * strength), num_inference_steps)
+    if run < 1:
+        raise ValueError(f"strength: {strength!r} of {num_inference_steps} steps runs no step "
+                         f"(at least 1 / num_inference_steps = {1 / num_inference_steps:.4g} is needed)")
+    return num_inference_steps - run
+
+
+def check_start(start: Any, length: int) -> int:
+    """``start`` as the first loop step of a schedule of ``length`` loop steps (0 for a full run)."""
+    if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or not 0 <= start < length:
+        raise ValueError(f"start: expected an int in [0, {length}), got {start!r}")
+    return int(start)
+
+
 def check_sample_shape(sample_shape: Any) -> tuple[int, ...]:
     if not isinstance(sample_shape, (tuple, list)) or not all(
             isinstance(d, (int, np.integer)) and not isinstance(d, bool) and d >= 0 for d in sample_shape):

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from .common import (SchedulerConfig, alphas_cumprod, check_num_inference_steps, check_sample_shape,
+from .common import (SchedulerConfig, alphas_cumprod, check_num_inference_steps, check_sample_shape, check_start,
                      check_timestep_range, descending_timesteps, exportable, final_alpha_cumprod)
 
 
@@ -39,11 +39,13 @@ class DDIMScheduler:
     def from_config(cls, raw: Mapping[str, Any]) -> Self:
         return cls(SchedulerConfig.from_dict(raw, cls.kind))
 
-    def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...]) -> DDIMState:
-        """DDIM keeps no history, so ``sample_shape`` only fixes the interface."""
+    def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...], start: int = 0) -> DDIMState:
+        """DDIM keeps no history, so ``sample_shape`` only fixes the interface and a run may begin at any
+        loop step ``start`` (img2img) with the same tables."""
         cfg = self.config
         n = check_num_inference_steps(num_inference_steps, cfg)
         check_sample_shape(sample_shape)
+        check_start(start, n)
         timesteps = np.round(descending_timesteps(cfg, n)).astype(np.int64)  # [n]
         check_timestep_range(timesteps, cfg)
         # The previous timestep is one stride of T // n back whatever the spacing, as in
@@ -57,6 +59,11 @@ class DDIMScheduler:
             alpha_t=jnp.asarray(table[timesteps], jnp.float32),
             alpha_prev=jnp.asarray(alpha_prev, jnp.float32),
         )
+
+    def add_noise(self, state: DDIMState, original: jax.Array, noise: jax.Array, step_index: jax.Array) -> jax.Array:
+        """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps at loop step ``step_index`` (the forward process, DDPM eq. 4)."""
+        a_t = state.alpha_t[step_index]
+        return jnp.sqrt(a_t) * original + jnp.sqrt(1 - a_t) * noise
 
     def scale_model_input(self, state: DDIMState, sample: jax.Array, step_index: jax.Array) -> jax.Array:
         return sample

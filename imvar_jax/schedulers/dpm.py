@@ -22,8 +22,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from .common import (SchedulerConfig, check_num_inference_steps, check_sample_shape, check_timestep_range,
-                     descending_timesteps, exportable, karras_sigmas, train_sigmas)
+from .common import (SchedulerConfig, check_num_inference_steps, check_sample_shape, check_start,
+                     check_timestep_range, descending_timesteps, exportable, karras_sigmas, train_sigmas)
 
 
 @exportable
@@ -32,6 +32,7 @@ class DPMState:
     timesteps: jax.Array  # int32 [n]
     init_noise_sigma: jax.Array  # float32 scalar: 1, the solver works on variance-preserving latents
     sigmas: jax.Array  # float32 [n + 1], ending at 0
+    first_order: jax.Array  # bool [n]: the run's first step and the last take the first-order update
     previous: jax.Array  # float32 [*sample]: the previous step's data prediction x0
 
 
@@ -45,7 +46,9 @@ class DPMSolverMultistepScheduler:
     def from_config(cls, raw: Mapping[str, Any]) -> Self:
         return cls(SchedulerConfig.from_dict(raw, cls.kind))
 
-    def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...]) -> DPMState:
+    def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...], start: int = 0) -> DPMState:
+        """``start`` > 0 begins the run at that loop step (img2img), which is then first order, as a run's
+        first step has no previous prediction."""
         cfg = self.config
         n = check_num_inference_steps(num_inference_steps, cfg)
         shape = check_sample_shape(sample_shape)
@@ -65,8 +68,16 @@ class DPMSolverMultistepScheduler:
             table = train_sigmas(cfg)
             sigmas = np.interp(timesteps, np.arange(len(table)), table)
         sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)  # [len(timesteps) + 1]
+        steps = np.arange(len(timesteps))
+        first_order = (steps == check_start(start, len(timesteps))) | (steps == len(timesteps) - 1)
         return DPMState(timesteps=jnp.asarray(timesteps, jnp.int32), init_noise_sigma=jnp.float32(1.0),
-                        sigmas=jnp.asarray(sigmas), previous=jnp.zeros(shape, jnp.float32))
+                        sigmas=jnp.asarray(sigmas), first_order=jnp.asarray(first_order),
+                        previous=jnp.zeros(shape, jnp.float32))
+
+    def add_noise(self, state: DPMState, original: jax.Array, noise: jax.Array, step_index: jax.Array) -> jax.Array:
+        """x = alpha x0 + sigma eps (variance preserving) at the noise level of loop step ``step_index``."""
+        alpha = 1 / jnp.sqrt(state.sigmas[step_index] ** 2 + 1)
+        return alpha * original + (state.sigmas[step_index] * alpha) * noise
 
     def scale_model_input(self, state: DPMState, sample: jax.Array, step_index: jax.Array) -> jax.Array:
         return sample
@@ -96,9 +107,8 @@ class DPMSolverMultistepScheduler:
         first = (sigma_t / sigma_s) * x - (alpha_t * (jnp.exp(-h) - 1.0)) * x0
         d1 = (x0 - state.previous) / ((lambda_s - lambda_p) / h)
         second = first - 0.5 * (alpha_t * (jnp.exp(-h) - 1.0)) * d1
-        last = state.timesteps.shape[0] - 1
         # jnp.where, not a cond: the unused second-order value (inf/NaN at the ends) never reaches the result.
-        prev = jnp.where((i == 0) | (i == last), first, second)
+        prev = jnp.where(state.first_order[i], first, second)
         return prev, state.replace(previous=x0)
 
 

@@ -17,7 +17,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
-from .common import SchedulerConfig, check_num_inference_steps, check_sample_shape, exportable, sigma_schedule
+from .common import (SchedulerConfig, check_num_inference_steps, check_sample_shape, check_start, exportable,
+                     sigma_schedule)
 
 
 def ode_derivative(prediction_type: str, model_output: jax.Array, sigma: jax.Array, x: jax.Array) -> jax.Array:
@@ -50,13 +51,19 @@ class EulerDiscreteScheduler:
     def from_config(cls, raw: Mapping[str, Any]) -> Self:
         return cls(SchedulerConfig.from_dict(raw, cls.kind))
 
-    def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...]) -> EulerState:
-        """The Euler samplers keep no history, so ``sample_shape`` only fixes the interface."""
+    def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...], start: int = 0) -> EulerState:
+        """The Euler samplers keep no history, so ``sample_shape`` only fixes the interface and a run may begin
+        at any loop step ``start`` (img2img) with the same tables."""
         n = check_num_inference_steps(num_inference_steps, self.config)
         check_sample_shape(sample_shape)
+        check_start(start, n)
         timesteps, sigmas, init_noise_sigma = sigma_schedule(self.config, n)
         return EulerState(timesteps=jnp.asarray(timesteps, jnp.float32), init_noise_sigma=jnp.float32(init_noise_sigma),
                           sigmas=jnp.asarray(sigmas))
+
+    def add_noise(self, state: EulerState, original: jax.Array, noise: jax.Array, step_index: jax.Array) -> jax.Array:
+        """x = x0 + sigma * eps at the noise level of loop step ``step_index``."""
+        return original + noise * state.sigmas[step_index]
 
     def scale_model_input(self, state: EulerState, sample: jax.Array, step_index: jax.Array) -> jax.Array:
         """x / sqrt(sigma^2 + 1): the UNet was trained on variance-preserving inputs sqrt(a) x."""

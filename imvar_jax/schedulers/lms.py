@@ -18,7 +18,8 @@ import numpy as np
 from flax import struct
 from numpy.polynomial import Polynomial
 
-from .common import SchedulerConfig, check_num_inference_steps, check_sample_shape, exportable, sigma_schedule
+from .common import (SchedulerConfig, check_num_inference_steps, check_sample_shape, check_start, exportable,
+                     sigma_schedule)
 from .euler import ode_derivative
 
 ORDER = 4
@@ -44,10 +45,14 @@ class LMSDiscreteScheduler:
     def from_config(cls, raw: Mapping[str, Any]) -> Self:
         return cls(SchedulerConfig.from_dict(raw, cls.kind))
 
-    def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...]) -> LMSState:
+    def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...], start: int = 0) -> LMSState:
+        """``start`` > 0 begins the run at that loop step (img2img). The tables stay those of the whole run: as in
+        diffusers, step ``start + j`` weighs its j + 1 derivatives with the full run's weights for that step
+        (the rest meet the zeros of the empty history)."""
         cfg = self.config
         n = check_num_inference_steps(num_inference_steps, cfg)
         shape = check_sample_shape(sample_shape)
+        check_start(start, n)
         timesteps, sigmas, init_noise_sigma = sigma_schedule(cfg, n)
         return LMSState(
             timesteps=jnp.asarray(timesteps, jnp.float32),
@@ -56,6 +61,10 @@ class LMSDiscreteScheduler:
             coeffs=jnp.asarray(lms_coefficients(sigmas), jnp.float32),
             derivatives=jnp.zeros((ORDER, *shape), jnp.float32),
         )
+
+    def add_noise(self, state: LMSState, original: jax.Array, noise: jax.Array, step_index: jax.Array) -> jax.Array:
+        """x = x0 + sigma * eps at the noise level of loop step ``step_index``."""
+        return original + noise * state.sigmas[step_index]
 
     def scale_model_input(self, state: LMSState, sample: jax.Array, step_index: jax.Array) -> jax.Array:
         """x / sqrt(sigma^2 + 1): the UNet was trained on variance-preserving inputs sqrt(a) x."""

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import struct
 
-from .common import (SchedulerConfig, alphas_cumprod, check_num_inference_steps, check_sample_shape,
+from .common import (SchedulerConfig, alphas_cumprod, check_num_inference_steps, check_sample_shape, check_start,
                      check_timestep_range, descending_timesteps, exportable, final_alpha_cumprod)
 
 # Combination rules, one per loop step (PNDMState.mode).
@@ -55,7 +55,9 @@ class PNDMScheduler:
     def from_config(cls, raw: Mapping[str, Any]) -> Self:
         return cls(SchedulerConfig.from_dict(raw, cls.kind))
 
-    def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...]) -> PNDMState:
+    def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...], start: int = 0) -> PNDMState:
+        """The tables for a run over loop steps ``start`` .. L-1 (``start`` > 0: img2img). As in diffusers,
+        such a run counts its PLMS warm-up from its own first step."""
         cfg = self.config
         n = check_num_inference_steps(num_inference_steps, cfg)
         shape = check_sample_shape(sample_shape)
@@ -68,8 +70,11 @@ class PNDMScheduler:
         # match the gap to the next timestep: diffusers' PNDM does the same.
         delta = cfg.num_train_timesteps // n
         if cfg.skip_prk_steps:
-            calls, t_from, t_to, mode = _plms_schedule(base, delta)
+            calls, t_from, t_to, mode = _plms_schedule(base, delta, check_start(start, n))
         else:
+            if start:
+                raise ValueError("start: PNDM with Runge-Kutta warm-up (skip_prk_steps=false) runs only from "
+                                 "the first step (strength 1)")
             calls, t_from, t_to, mode = _prk_plms_schedule(base, delta)
 
         table = alphas_cumprod(cfg)
@@ -86,6 +91,12 @@ class PNDMScheduler:
             cur_sample=zeros,
             rk_sum=zeros,
         )
+
+    def add_noise(self, state: PNDMState, original: jax.Array, noise: jax.Array, step_index: jax.Array) -> jax.Array:
+        """x_t = sqrt(a_t) x0 + sqrt(1 - a_t) eps at the start of loop step ``step_index``, a run's first step
+        (the forward process, DDPM eq. 4)."""
+        a_t = state.alpha_t[step_index]
+        return jnp.sqrt(a_t) * original + jnp.sqrt(1 - a_t) * noise
 
     def scale_model_input(self, state: PNDMState, sample: jax.Array, step_index: jax.Array) -> jax.Array:
         return sample
@@ -154,26 +165,29 @@ def _transfer(x_t: jax.Array, eps: jax.Array, alpha_t: jax.Array, alpha_prev: ja
     return sample_coeff * x_t - (alpha_prev - alpha_t) * eps / denom
 
 
-def _plms_schedule(base: np.ndarray, delta: int) -> tuple[list[int], list[int], list[int], list[int]]:
+def _plms_schedule(base: np.ndarray, delta: int, start: int = 0) -> tuple[list[int], list[int], list[int], list[int]]:
     """UNet timesteps, phi's (from, to) timesteps and the rule of each PLMS loop step.
 
     The first timestep is visited twice (the plain step, then its redo), so n steps make
-    n + 1 calls, e.g. 3 steps at spacing 333: [667, 334, 334, 1].
+    n + 1 calls, e.g. 3 steps at spacing 333: [667, 334, 334, 1]. A run that begins at call
+    ``start`` counts its warm-up from there (diffusers' img2img slices these calls and its
+    PNDM's counter starts at 0); the entries before ``start`` are never read.
     """
     if len(base) == 1:
         return [int(base[0])], [int(base[0])], [int(base[0]) - delta], [_PLMS_FIRST]
     calls = [int(base[0]), int(base[1]), *(int(t) for t in base[1:])]
     t_from, t_to, mode = [], [], []
     for i, t in enumerate(calls):
-        if i == 1:
-            # The redo reruns step 0 from its start, reading alpha_bar one stride above this
-            # call: step 0's start under "leading" spacing, as diffusers has it under any.
+        counter = i - start
+        if counter == 1:
+            # The redo reruns the first step from its start, reading alpha_bar one stride above this
+            # call: that step's start under "leading" spacing, as diffusers has it under any.
             t_from.append(t + delta)
             t_to.append(t)
         else:
             t_from.append(t)
             t_to.append(t - delta)
-        mode.append((_PLMS_FIRST, _PLMS_REDO, _AB2, _AB3)[i] if i < 4 else _AB4)
+        mode.append((_PLMS_FIRST, _PLMS_REDO, _AB2, _AB3)[counter] if 0 <= counter < 4 else _AB4)
     return calls, t_from, t_to, mode
 
 
