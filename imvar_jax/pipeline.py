@@ -740,8 +740,8 @@ class ImageVariationPipeline:
           place of ``images`` (pass ``images=None``).
         - ``strength`` in (0, 1]: below 1, start from a picture's own VAE latents noised to that level and run
           the last ``int(strength * num_inference_steps)`` steps (diffusers' img2img rule), keeping its layout.
-          The picture is each input's own, or ``init_image`` (required with ``mix_weights`` or embeddings),
-          resized to the output size.
+          The picture is each input's own, or ``init_image``: one picture for every input, or a list of one per
+          input (required with ``mix_weights``, interpolation or embeddings); it is resized to the output size.
         """
         return self._generate(images, params, seed, num_images_per_prompt, preprocessing, latents, devices,
                               first_index, num_inference_steps, guidance_scale, height, width, eta, output_type,
@@ -853,12 +853,18 @@ class ImageVariationPipeline:
         init_pixels = None
         if strength < 1:
             local_inputs = plan.inputs[mine]
-            if init_image is not None:
-                one = prepare_init_images([init_image], *size, clip_side=self.image_encoder.config.image_size,
-                                          name="init_image")
+            side = self.image_encoder.config.image_size
+            if isinstance(init_image, (list, tuple)):
+                if len(init_image) != n:
+                    raise ValueError(f"init_image: {len(init_image)} pictures for {n} inputs (give one picture, "
+                                     f"or a list of one per input)")
+                init_pixels = prepare_init_images(init_image, *size, clip_side=side, only=lambda _: local_inputs,
+                                                  name="init_image")[plan.inputs]
+            elif init_image is not None:
+                one = prepare_init_images([init_image], *size, clip_side=side, name="init_image")
                 init_pixels = np.repeat(one, len(plan.source), axis=0)  # [P, 3, H, W]
             else:
-                init_pixels = prepare_init_images(images, *size, clip_side=self.image_encoder.config.image_size,
+                init_pixels = prepare_init_images(images, *size, clip_side=side,
                                                   only=lambda _: local_inputs)[plan.inputs]
         rows = plan.inputs
         cond = _Rows(sources[mixes.sources[rows]], mixes.weights[rows], mixes.negative_weights[rows],
