@@ -14,6 +14,7 @@ from typing import Any, Callable, Iterator, Mapping, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from PIL import Image
 
 from . import memory
 from .conditioning import check_weights, path_weights
@@ -832,14 +833,15 @@ class ImageVariationPipeline:
             sources = embeds
             if negative_image is not None:
                 # The sources of one call are all embeddings: the negative picture becomes one too.
-                sources = np.concatenate([sources, self.image_embeddings([negative_image], params, preprocessing)])
+                negative_pixels = self._one_picture(negative_image, preprocessing)
+                sources = np.concatenate([sources, self.image_embeddings(negative_pixels, params)])
             elif negative:
                 sources = np.concatenate([sources, self._check_embeds(negative_image_embeds, "negative_image_embeds",
                                                                       single=True)])
         else:
             sources = self.prepare_inputs(images, preprocessing, only=needed)
             if negative:
-                sources = np.concatenate([sources, self.prepare_inputs([negative_image], preprocessing)])
+                sources = np.concatenate([sources, self._one_picture(negative_image, preprocessing)])
         ((plan, mixes),) = planned
         n = len(mixes.weights)
         if isinstance(seed, _InputSeeds) and len(seed.seeds) != n:
@@ -873,6 +875,17 @@ class ImageVariationPipeline:
         images, flags, where = self._run(placement, params, stacked, 1, cond, plan.inputs, plan.index, latents,
                                          seed, steps, guidance, eta, size, callback, callback_steps, setting)
         return self._output(images, flags, where, plan.index, mine, plan.count, output_type)
+
+    def _one_picture(self, picture: Any, preprocessing: str, name: str = "negative_image") -> np.ndarray:
+        """One picture (PIL, an HWC array, or pixel values ``[1, 3, S, S]``) as pixel values ``[1, 3, S, S]``."""
+        try:
+            pixel_values = self.prepare_inputs([picture] if isinstance(picture, Image.Image) else picture,
+                                               preprocessing)
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{name}: {str(e).removeprefix('images: ')}") from None
+        if len(pixel_values) != 1:
+            raise ValueError(f"{name}: expected one picture, got {len(pixel_values)}")
+        return pixel_values
 
     def _check_embeds(self, embeds: Any, name: str, single: bool = False) -> np.ndarray:
         """CLIP image embeddings as float32 ``[N, D]`` (``[D]`` or ``[N, 1, D]`` accepted; one row if ``single``)."""

@@ -15,7 +15,7 @@ import torch
 from imvar_jax import ImageVariationPipeline, convert_checkpoint
 from helpers import CompileLog
 from imvar_jax.parallel import image_keys, replicate, shard
-from imvar_jax.sampling import Models, SampleOptions, latent_noise, sample
+from imvar_jax.sampling import Conditioning, Models, SampleOptions, latent_noise, sample
 from imvar_jax.settings import MAX_STEPS
 from tiny_checkpoint import build_torch_pipeline, save_pipeline
 
@@ -247,8 +247,10 @@ def test_compiles_once_and_not_per_step(folder):
     opts = SampleOptions(num_images_per_prompt=K, latent_size=(HEIGHT // 2, WIDTH // 2), do_cfg=True,
                          latents_given=False, with_callback=False, scheduler=pipe.scheduler)
     keys = jax.random.split(jax.random.key(0), 2 * K)
-    program = jax.jit(lambda p, x, k, state: sample(models, opts, p, x, k, None, jnp.float32(3.0), jnp.float32(0.0),
-                                                    state, jnp.int32(1), jnp.int32(1)))
+    ones = jnp.ones((a.shape[0], 1), jnp.float32)
+    program = jax.jit(lambda p, x, k, state: sample(models, opts, p, Conditioning(x[:, None], ones, 0 * ones), k, None,
+                                                    jnp.float32(3.0), jnp.float32(0.0), state, jnp.int32(1),
+                                                    jnp.int32(1)))
     texts = {}
     for steps in (10, 50):
         state = pipe.scheduler.set_timesteps(steps, (2 * K, HEIGHT // 2, WIDTH // 2, 4))

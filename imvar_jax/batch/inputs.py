@@ -1,4 +1,9 @@
-"""Input discovery and decoding: which files a run takes, how they are numbered and named, and reading them."""
+"""Input discovery and decoding: which files a run takes, how they are numbered and named, and reading them.
+
+An input is a picture, or a CLIP image embedding saved with ``numpy.save`` in a file ending ``.npy``
+(``is_embedding``). Files that condition a whole run (``--negative``, the ``--mix`` and
+``--interpolate`` sources) are read into a ``Source``.
+"""
 
 from __future__ import annotations
 
@@ -15,16 +20,25 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from ..preprocessing import to_rgb
 
 IMAGE_EXTENSIONS = frozenset({
     ".bmp", ".dib", ".gif", ".jfif", ".jpe", ".jpeg", ".jpg", ".pbm", ".pgm", ".png", ".pnm", ".ppm", ".tga",
     ".tif", ".tiff", ".webp",
 })
+EMBEDDING_EXTENSION = ".npy"
 MANIFEST = "manifest.jsonl"
 GRID = "grid.png"
-# Folder names an input may not take: the manifest lives beside the input folders.
-_RESERVED = frozenset({MANIFEST})
+MIX = "mix"  # OUT/mix/: the pictures of --mix
+INTERPOLATION = "interpolation"  # OUT/interpolation/: the frames of --interpolate
+# Folder names an input may not take: the manifest, and the folders of --mix and --interpolate, live beside
+# the input folders.
+_RESERVED = frozenset({MANIFEST, MIX, INTERPOLATION})
+# The longest embedding an .npy input may hold (SD's is 768 wide): its header is checked before the data is read.
+_MAX_EMBEDDING = 1 << 16
 # A picture file larger than this is refused before it is read into memory.
 MAX_INPUT_BYTES = 1 << 30
 # Output folder names stay well inside the 255-byte limit of common file systems, hash tag included.
@@ -33,6 +47,11 @@ _MAX_NAME_BYTES = 160
 
 class InputError(Exception):
     """One input cannot be used; the message is the reason, without the path."""
+
+
+class SourceError(ValueError):
+    """A file that conditions the whole run (``--negative``, ``--mix``, ``--interpolate``) cannot be used; the
+    message names it."""
 
 
 @dataclass(frozen=True)
@@ -299,3 +318,97 @@ def decode_image(data: bytes) -> Image.Image:
     if image.width == 0 or image.height == 0:
         raise InputError(f"zero-size image ({image.width}x{image.height})")
     return image
+
+
+def is_embedding(path: str | os.PathLike) -> bool:
+    """Whether the file is taken as a CLIP image embedding (``.npy``, any case) rather than a picture."""
+    return os.fspath(path).lower().endswith(EMBEDDING_EXTENSION)
+
+
+def decode_embedding(data: bytes) -> np.ndarray:
+    """A ``numpy.save`` file's bytes holding a float array ``[D]`` or ``[1, D]`` -> float32 ``[1, D]``, finite;
+    InputError saying why not. The header is checked before the data is read, so a file that claims a huge
+    shape allocates nothing; pickled objects are never loaded."""
+    buffer = io.BytesIO(data)
+    try:
+        version = np.lib.format.read_magic(buffer)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(buffer)
+        elif version == (2, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(buffer)
+        else:
+            raise InputError(f"unsupported .npy format version {version[0]}.{version[1]}")
+    except InputError:
+        raise
+    except Exception as e:  # numpy raises ValueError, SyntaxError and others on damaged headers
+        raise InputError(f"not a numpy .npy file ({printable(str(e)) or type(e).__name__})") from None
+    if not np.issubdtype(dtype, np.floating):
+        raise InputError(f"expected a float array (a CLIP image embedding), got dtype {dtype}")
+    if len(shape) not in (1, 2) or len(shape) == 2 and shape[0] != 1 or not 0 < shape[-1] <= _MAX_EMBEDDING:
+        raise InputError(f"expected an embedding of shape [D] or [1, D], got shape {list(shape)}")
+    buffer.seek(0)
+    try:
+        array = np.load(buffer, allow_pickle=False)
+    except Exception as e:
+        raise InputError(f"truncated or corrupt .npy file ({printable(str(e)) or type(e).__name__})") from None
+    with np.errstate(over="ignore"):  # a float64 value beyond float32's range becomes inf, refused below
+        embedding = np.asarray(array, np.float32).reshape(1, -1)
+    if not np.isfinite(embedding).all():
+        raise InputError("the embedding holds NaN or infinity")
+    return embedding
+
+
+def check_embedding_size(embedding: np.ndarray, dim: int) -> None:
+    """InputError unless ``embedding`` ``[1, D]`` has the model's width ``dim``."""
+    if embedding.shape[1] != dim:
+        raise InputError(f"expected an embedding of {dim} values (the image encoder's projection size), "
+                         f"got shape {list(embedding.shape[1:])}")
+
+
+@dataclass(frozen=True)
+class Source:
+    """A file that conditions a whole run: its picture (RGB) or embedding ``[1, D]``, and its sha256.
+
+    ``display`` and ``relative`` are as ``InputFile``'s.
+    """
+
+    display: str
+    relative: str
+    sha256: str
+    picture: Image.Image | None = None
+    embedding: np.ndarray | None = None
+
+    def checked(self, dim: int, what: str) -> "Source":
+        """``self``, once an embedding's width is known to fit the loaded model; SourceError naming ``what``."""
+        if self.embedding is not None:
+            try:
+                check_embedding_size(self.embedding, dim)
+            except InputError as e:
+                raise SourceError(f"{what} {self.display}: {e}") from None
+        return self
+
+
+def read_source(spec: str | os.PathLike, what: str, exclude: str | os.PathLike | None = None) -> Source:
+    """Read and decode the picture or ``.npy`` embedding ``spec`` names; SourceError naming ``what`` (the
+    option) and the file when it cannot be used, or when it lies inside ``exclude`` (the output folder)."""
+    path = Path(os.path.abspath(os.path.expanduser(os.fspath(spec))))
+    display = printable(_relative(path))
+    try:
+        if exclude is not None and inside(path, os.path.realpath(exclude)):
+            raise InputError("lies inside the output folder (--out); copy it elsewhere to use it")
+        if os.path.isdir(path):
+            raise InputError("is a folder; name a picture or .npy file")
+        if not os.path.lexists(path):
+            raise InputError("no such file")
+        data, sha = read_input(path)
+        if is_embedding(path):
+            return Source(display, _relative(path), sha, embedding=decode_embedding(data))
+        try:
+            picture = to_rgb(decode_image(data), name=display)
+        except InputError:
+            raise
+        except Exception as e:  # EXIF, ICC and plugin code can raise anything on hostile bytes
+            raise InputError(f"cannot use this picture ({printable(str(e).removeprefix(f'{display}: '))})") from None
+        return Source(display, _relative(path), sha, picture=picture)
+    except InputError as e:
+        raise SourceError(f"{what} {display}: {e}") from None

@@ -1,9 +1,12 @@
-"""Output files: atomic writes, PNG text chunks, manifest records and contact sheets.
+"""Output files: atomic writes, PNG text chunks, manifest records, contact sheets and animations.
 
 Every piece of metadata is derived from the run's resolved ``GenerationSettings``: its
 ``to_text()`` chunks plus the per-picture keys (``PICTURE_KEYS``) in each PNG, its ``to_json()``
 fields plus the per-picture ones in each manifest record, and ``recorded_from_text`` to read a
-PNG's settings back when deciding whether it is already done.
+PNG's settings back when deciding whether it is already done. A run with a ``--negative`` picture
+adds its sha256 (``NEGATIVE_KEY``) to every output, and it is compared like a setting; the
+outputs of ``--mix`` and ``--interpolate`` also carry their sources (``SOURCES_KEY``). Animations
+(GIF, WebP) carry the same keys as JSON: in a GIF comment, in a WebP's EXIF image description.
 """
 
 from __future__ import annotations
@@ -23,14 +26,24 @@ from typing import Any, BinaryIO, Callable, Mapping, Sequence
 from PIL import Image, PngImagePlugin
 
 from ..settings import FIELDS, GenerationSettings, SettingsError
-from .inputs import GRID, MANIFEST, InputFile, printable
+from .inputs import GRID, MANIFEST, InputFile, Source, printable
 
 SOFTWARE = "imvar-jax"
 # The chunks each output carries besides the settings; "nsfw" and "Software" are informative only.
 PICTURE_KEYS = ("input_sha256", "index", "nsfw", "Software")
+NEGATIVE_KEY = "negative_sha256"  # only in the outputs of a run with a negative picture
+# In --mix and --interpolate outputs: the sources as JSON (each one's sha256, and with --mix its weight),
+# and for an interpolation the frame count and the picture's frame. Their input_sha256 is the digest of
+# all of that, so it alone says whether an output was made from the same sources.
+SOURCES_KEY = "sources"
+FRAMES_KEY = "frames"
+FRAME_KEY = "frame"
+ANIMATIONS = ("animation.gif", "animation.webp")
 _TMP_PREFIX = ".imvar-tmp-"
 _MAX_ROW = 8
 _VARIATION = re.compile(r"^(0|[1-9][0-9]*)\.png$")
+_FRAME = re.compile(r"^frame-([0-9]+)(?:-(0|[1-9][0-9]*))?\.png$")
+_EXIF_DESCRIPTION = 0x010E  # ImageDescription: where a WebP animation keeps its keys
 # Settings a run only knows once the model is loaded: before that, an unset one cannot conflict.
 _RESOLVED_LATER = ("revision", "dtype", "vae_dtype", "size")
 
@@ -80,6 +93,59 @@ def png_chunks(path: Path) -> dict[str, str] | None:
     return text if text.get("Software") == SOFTWARE else None
 
 
+def output_chunks(path: Path) -> dict[str, str] | None:
+    """``png_chunks``, also for animations (their keys are JSON in a GIF comment or a WebP's EXIF)."""
+    if path.suffix.lower() == ".png":
+        return png_chunks(path)
+    try:
+        if not stat.S_ISREG(os.lstat(path).st_mode):
+            return None
+        with Image.open(path) as image:
+            if image.format == "GIF":
+                raw = image.info.get("comment")
+            elif image.format == "WEBP":
+                raw = image.getexif().get(_EXIF_DESCRIPTION)
+            else:
+                return None
+        text = json.loads(raw)
+    except Exception:  # anything Pillow or json raise on a damaged file means it is not a usable output
+        return None
+    if not isinstance(text, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in text.items()):
+        return None
+    return text if text.get("Software") == SOFTWARE else None
+
+
+def write_animation(path: Path, frames: Sequence[Image.Image], text: Mapping[str, str], fps: float) -> None:
+    """An animation (GIF or WebP, by ``path``'s suffix) of ``frames`` that loops forever, carrying ``text``."""
+    keys = json.dumps(dict(text))
+    options: dict[str, Any] = {"save_all": True, "append_images": list(frames[1:]),
+                               "duration": round(1000 / fps), "loop": 0}
+    if path.suffix.lower() == ".gif":
+        options.update(format="GIF", comment=keys)
+    else:
+        exif = Image.Exif()
+        exif[_EXIF_DESCRIPTION] = keys
+        options.update(format="WEBP", lossless=True, exif=exif.tobytes())
+    atomic_write(path, lambda f: frames[0].save(f, **options))
+
+
+def read_animation_text(path: Path, size: tuple[int, int]) -> dict[str, str] | None:
+    """The keys of a complete imvar-jax animation of frames of ``size`` (width, height); None as ``read_png_text``."""
+    text = output_chunks(path)
+    if text is None:
+        return None
+    try:
+        with Image.open(path) as image:
+            if image.size != size:
+                return None
+            for n in range(getattr(image, "n_frames", 1)):  # every frame decodes: a cut file fails here
+                image.seek(n)
+                image.load()
+    except Exception:
+        return None
+    return text
+
+
 def read_png_text(path: Path, size: tuple[int, int]) -> dict[str, str] | None:
     """The text chunks of a complete imvar-jax PNG of ``size`` (width, height); None if missing, damaged,
     incomplete (every chunk's CRC is checked, up to the final IEND), of another size, or not ours."""
@@ -120,18 +186,25 @@ def grid_index(item: InputFile, k: int) -> str:
 
 
 def output_text(resolved: GenerationSettings, sha256: str, index: int | str, nsfw: bool | None = None,
-                *, grid: bool = False) -> dict[str, str]:
-    """The chunks of one output: the settings, then the per-picture keys (no ``nsfw`` on a grid)."""
+                *, grid: bool = False, negative: str | None = None,
+                sources: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The chunks of one output: the settings, then the per-picture keys (no ``nsfw`` on a grid), the
+    ``negative`` picture's sha256 if the run has one, and a mix's or interpolation's ``sources`` keys."""
     text = {"Software": SOFTWARE, **resolved.to_text(), "input_sha256": sha256, "index": str(index)}
+    if negative is not None:
+        text[NEGATIVE_KEY] = negative
+    text.update(sources or {})
     if not grid:
         text["nsfw"] = nsfw_text(nsfw)
     return text
 
 
 def is_current(found: Mapping[str, str] | None, resolved: GenerationSettings, sha256: str, index: int | str,
-               ) -> bool:
-    """Whether an existing output's chunks say it was made from this input, at this index, with these settings."""
+               negative: str | None = None) -> bool:
+    """Whether an existing output's chunks say it was made from this input, at this index, with these settings
+    and this ``negative`` picture (a sha256, or None for none)."""
     return (found is not None and found.get("input_sha256") == sha256 and found.get("index") == str(index)
+            and found.get(NEGATIVE_KEY) == negative
             and GenerationSettings.recorded_from_text(found) == resolved.recorded())
 
 
@@ -140,12 +213,17 @@ def is_current(found: Mapping[str, str] | None, resolved: GenerationSettings, sh
 # ----------------------------------------------------------------------
 
 def record(item: InputFile, sha256: str, j: int, resolved: GenerationSettings, nsfw: bool | None,
-           ) -> dict[str, Any]:
+           negative: Source | None = None) -> dict[str, Any]:
     """Variation ``j`` of ``item``'s manifest line."""
     k = resolved.num_images_per_prompt
     return {"path": f"{item.name}/{j}.png", "input": item.relative, "input_sha256": sha256,
             "index": picture_index(item, j, k), "input_index": item.index, "variation": j,
-            **resolved.to_json(), "nsfw": nsfw}
+            **resolved.to_json(), **negative_fields(negative), "nsfw": nsfw}
+
+
+def negative_fields(negative: Source | None) -> dict[str, Any]:
+    """A manifest line's record of the run's negative picture: its path and sha256 (nothing without one)."""
+    return {} if negative is None else {"negative": negative.relative, NEGATIVE_KEY: negative.sha256}
 
 
 def manifest_part(process_id: int) -> str:
@@ -184,14 +262,27 @@ def read_manifest(path: Path) -> list[dict[str, Any]]:
 
 
 def record_from_chunks(rel: str, text: Mapping[str, str]) -> dict[str, Any] | None:
-    """The manifest line of an existing variation known only from its chunks (its input was not in this run)."""
+    """The manifest line of an existing variation or frame known only from its chunks (its input was not in this
+    run)."""
     values = GenerationSettings.recorded_from_text(text)
-    match = _VARIATION.match(Path(rel).name)
-    if values is None or match is None or not text.get("index", "").isdigit():
+    name = Path(rel).name
+    variation, frame = _VARIATION.match(name), _FRAME.match(name)
+    if values is None or not (variation or frame) or not text.get("index", "").isdigit():
         return None
     fields = {f.name: f.to_json(values[f.name]) for f in FIELDS if f.recorded}
-    return {"path": rel, "input": None, "input_sha256": text.get("input_sha256"), "index": int(text["index"]),
-            "input_index": None, "variation": int(match.group(1)), **fields, "nsfw": nsfw_flag(text.get("nsfw"))}
+    entry = {"path": rel, "input": None, "input_sha256": text.get("input_sha256"), "index": int(text["index"]),
+             "input_index": None, "variation": int(variation.group(1)) if variation else int(frame.group(2) or 0),
+             **fields}
+    if frame:
+        entry[FRAME_KEY] = int(frame.group(1))
+    if SOURCES_KEY in text:
+        try:
+            entry[SOURCES_KEY] = json.loads(text[SOURCES_KEY])
+        except ValueError:
+            entry[SOURCES_KEY] = None
+    if NEGATIVE_KEY in text:
+        entry[NEGATIVE_KEY] = text[NEGATIVE_KEY]
+    return {**entry, "nsfw": nsfw_flag(text.get("nsfw"))}
 
 
 def rewrite_manifest(out: Path, current: Mapping[str, Mapping[str, Any]],
@@ -222,8 +313,9 @@ def rewrite_manifest(out: Path, current: Mapping[str, Mapping[str, Any]],
         return
 
     def order(entry: Mapping[str, Any]) -> tuple[str, int, str]:
-        variation = entry.get("variation")
-        return (str(Path(entry["path"]).parent), variation if isinstance(variation, int) else -1, entry["path"])
+        # An interpolation's pictures go frame by frame, as their index counts them.
+        place = entry.get("index") if FRAME_KEY in entry else entry.get("variation")
+        return (str(Path(entry["path"]).parent), place if isinstance(place, int) else -1, entry["path"])
 
     body = "".join(json.dumps(r) + "\n" for r in sorted(kept, key=order)).encode()
     if not (path.is_file() and path.read_bytes() == body):
@@ -239,6 +331,16 @@ def _remove(paths: Sequence[Path]) -> None:
 # ----------------------------------------------------------------------
 # The output folder
 # ----------------------------------------------------------------------
+
+def is_output_name(name: str) -> bool:
+    """Whether a file in a folder of OUT is named as imvar-jax names its outputs (whose keys then say whose)."""
+    return name == GRID or name in ANIMATIONS or bool(_VARIATION.match(name) or _FRAME.match(name))
+
+
+def _short_sha(sha256: str | None) -> str:
+    """A negative picture as a message names it: its sha256's first digits, or none."""
+    return "none" if sha256 is None else f"sha256 {sha256[:12]}"
+
 
 def check_creatable(path: Path) -> None:
     """OutputError unless ``path`` could be created: its nearest existing ancestor is a folder this process
@@ -324,7 +426,7 @@ class OutFolder:
                 if f.name.startswith(_TMP_PREFIX) and f.is_file(follow_symlinks=False):
                     if clear:
                         self._remove_temporary(f.path)
-                elif (f.name == GRID or _VARIATION.match(f.name)) and (text := png_chunks(Path(f.path))):
+                elif is_output_name(f.name) and (text := output_chunks(Path(f.path))):
                     self.outputs[f"{entry.name}/{f.name}"] = text
 
     def present(self) -> dict[str, dict[str, str]]:
@@ -340,15 +442,18 @@ class OutFolder:
         except OSError:
             pass
 
-    def conflicts(self, settings: GenerationSettings, *, resolved: bool) -> str | None:
-        """What differs between ``settings`` and the earlier outputs' recorded settings, as message text, or None.
+    def conflicts(self, settings: GenerationSettings, *, resolved: bool, negative: str | None = None) -> str | None:
+        """What differs between ``settings`` (and the ``negative`` picture's sha256, None for none) and what the
+        earlier outputs recorded, as message text, or None.
 
         Before the model is loaded (``resolved`` False) an unset dtype, size or revision matches anything.
         """
         found: dict[str, set[str]] = {}
         count = 0
         for text in self.outputs.values():
-            differing = False
+            differing = text.get(NEGATIVE_KEY) != negative
+            if differing:
+                found.setdefault(NEGATIVE_KEY, set()).add(_short_sha(text.get(NEGATIVE_KEY)))
             for f in FIELDS:
                 if not f.recorded:
                     continue
@@ -370,8 +475,9 @@ class OutFolder:
         if not found:
             return None
         spec = {f.name: f for f in FIELDS}
-        parts = [f"{spec[n].option.lstrip('-')} {printable(', '.join(sorted(v)))} there, "
-                 f"{spec[n].to_text(getattr(settings, n)) or 'unset'} now" for n, v in found.items()]
+        parts = [f"negative {printable(', '.join(sorted(v)))} there, {_short_sha(negative)} now" if n == NEGATIVE_KEY
+                 else f"{spec[n].option.lstrip('-')} {printable(', '.join(sorted(v)))} there, "
+                      f"{spec[n].to_text(getattr(settings, n)) or 'unset'} now" for n, v in found.items()]
         return (f"out: {printable(str(self.path))} holds {count} earlier output(s) made with other settings "
                 f"({'; '.join(parts)}); pass --start-over to delete imvar-jax's earlier outputs there first, "
                 f"or choose another --out")
@@ -410,17 +516,18 @@ def _columns(count: int) -> int:
     return count if count <= _MAX_ROW else math.ceil(math.sqrt(count))
 
 
-def sheet_size(count: int, size: tuple[int, int]) -> tuple[int, int]:
+def sheet_size(count: int, size: tuple[int, int], columns: int | None = None) -> tuple[int, int]:
     """(width, height) of a contact sheet of ``count`` tiles of ``size`` (width, height)."""
-    columns = _columns(count)
+    columns = columns or _columns(count)
     return columns * size[0], math.ceil(count / columns) * size[1]
 
 
-def contact_sheet(tiles: Sequence[Image.Image], size: tuple[int, int]) -> Image.Image:
-    """Tiles of ``size`` (width, height) in one row, or a near-square grid when there are more than ``_MAX_ROW``."""
-    columns = _columns(len(tiles))
+def contact_sheet(tiles: Sequence[Image.Image], size: tuple[int, int], columns: int | None = None) -> Image.Image:
+    """Tiles of ``size`` (width, height) in rows of ``columns``; by default one row, or a near-square grid when
+    there are more than ``_MAX_ROW``."""
+    columns = columns or _columns(len(tiles))
     width, height = size
-    sheet = Image.new("RGB", sheet_size(len(tiles), size))
+    sheet = Image.new("RGB", sheet_size(len(tiles), size, columns))
     for n, tile in enumerate(tiles):
         tile = tile if tile.mode == "RGB" else tile.convert("RGB")
         if tile.size != size:

@@ -13,6 +13,11 @@ the same program calls over the devices of all of them. An input's pictures all 
 devices vary and writes their pictures and grids. Process 0 alone locks OUT, clears it and checks
 it against the settings; each process appends its manifest lines to its own part file, and
 process 0 merges them into the manifest once every process has written.
+
+An input ending ``.npy`` is a CLIP image embedding; a program call holds either pictures or
+embeddings, so the two kinds form their own batches. A negative picture (or embedding) is every
+input's unconditional half; below strength 1 each picture input starts from its own picture, so
+the decoded pictures are kept until their call (and an embedding input, having none, fails).
 """
 
 from __future__ import annotations
@@ -40,9 +45,15 @@ from ..pipeline import ImageVariationPipeline
 from ..preprocessing import to_pil, to_rgb
 from ..settings import GenerationSettings, SettingsError
 from . import outputs
-from .inputs import GRID, InputError, InputFile, collect_inputs, decode_image, printable, read_input
+from .inputs import (GRID, InputError, InputFile, Source, check_embedding_size, collect_inputs, decode_embedding,
+                     decode_image, is_embedding, printable, read_input, read_source)
 from .outputs import manifest_part
 from .outputs import OutFolder, OutputError
+
+# What an embedding input's grid shows in the input's place: it has no picture.
+_NO_PICTURE = (128, 128, 128)
+# An img2img start for rows another process's devices run: never prepared here, it only fills the list.
+_ELSEWHERE = Image.new("RGB", (1, 1))
 
 
 @dataclass
@@ -71,10 +82,20 @@ class _Work:
     sha256: str
     missing: list[int]
     grid: bool
-    pixel_values: np.ndarray | None = None  # [1, 3, S, S] when variations are missing
+    pixel_values: np.ndarray | None = None  # [1, 3, S, S] when variations of a picture are missing
+    embedding: np.ndarray | None = None  # [1, D] when variations of an embedding are missing
+    init_picture: Image.Image | None = None  # the decoded picture, when variations start from it (strength < 1)
     thumbnail: Image.Image | None = None  # the input at the output size, for the grid
     prepared: bool = False  # whether this process read and prepared it (another process may have planned it)
     failed: bool = False  # it could not be prepared here: this process writes none of its pictures
+
+    @property
+    def embedded(self) -> bool:
+        """Whether the input is an embedding (told by its name, so every process of a job agrees)."""
+        return is_embedding(self.item.path)
+
+    def release(self) -> None:
+        self.pixel_values = self.embedding = self.init_picture = self.thumbnail = None
 
 
 @dataclass
@@ -93,8 +114,12 @@ class _Batch:
 
 class _Runner:
     def __init__(self, out: Path, settings: GenerationSettings, report: Callable[[str], None],
-                 note: Callable[[str], None], progress: bool, devices: Sequence[jax.Device] | None):
+                 note: Callable[[str], None], progress: bool, devices: Sequence[jax.Device] | None,
+                 negative: Source | None = None):
         self.out = out
+        self.negative = negative
+        self.negative_sha = None if negative is None else negative.sha256
+        self.negative_embeds: np.ndarray | None = None  # a negative picture's embedding, for embedding batches
         self.folder: OutFolder | None = None  # set once the output folder is opened
         self.settings = settings
         self.report = report
@@ -143,6 +168,11 @@ class _Runner:
         """Read ``item`` once, check its outputs, and decode and preprocess it if anything is left to write."""
         k = resolved.num_images_per_prompt
         height, width = resolved.size
+        if is_embedding(item.path) and resolved.strength < 1:
+            batch.failures.append((item.display, "an embedding (.npy) has no picture to start from: --strength "
+                                                 "below 1 needs picture inputs"))
+            batch.dropped += k
+            return None
         try:
             data, sha = read_input(item.path)
         except InputError as e:
@@ -158,9 +188,9 @@ class _Runner:
             for j in range(k):
                 path = folder / f"{j}.png"
                 found = outputs.read_png_text(path, (width, height))
-                if outputs.is_current(found, resolved, sha, outputs.picture_index(item, j, k)):
-                    batch.skipped.append(outputs.record(item, sha, j, resolved,
-                                                        outputs.nsfw_flag(found.get("nsfw"))))
+                if outputs.is_current(found, resolved, sha, outputs.picture_index(item, j, k), self.negative_sha):
+                    batch.skipped.append(outputs.record(item, sha, j, resolved, outputs.nsfw_flag(found.get("nsfw")),
+                                                        self.negative))
                     done += 1
                 else:
                     _check_replaceable(path)
@@ -168,7 +198,7 @@ class _Runner:
             grid_path = folder / GRID
             grid = resolved.grid and not outputs.is_current(
                 outputs.read_png_text(grid_path, outputs.sheet_size(k + 1, (width, height))), resolved, sha,
-                outputs.grid_index(item, k))
+                outputs.grid_index(item, k), self.negative_sha)
             if grid:
                 _check_replaceable(grid_path)
         except InputError as e:
@@ -189,18 +219,30 @@ class _Runner:
     def prepare(self, work: _Work, data: bytes | None, pipe: ImageVariationPipeline, resolved: GenerationSettings,
                 pixels: bool, thumbnail: bool) -> str | None:
         """Decode ``work``'s input (``data``, else read again and checked against its hash) into its pixel values
-        and/or grid thumbnail; the reason it cannot be used, or None."""
+        (an embedding input: its embedding), the picture img2img starts from, and/or its grid thumbnail; the
+        reason it cannot be used, or None."""
         item = work.item
         try:
             if data is None:
                 data, sha = read_input(item.path)
                 if sha != work.sha256:
                     raise InputError("changed while this run was going on; run again")
+            if work.embedded:
+                embedding = decode_embedding(data)
+                check_embedding_size(embedding, pipe.image_encoder.config.projection_dim)
+                if pixels:
+                    work.embedding = embedding
+                if thumbnail:
+                    work.thumbnail = Image.new("RGB", resolved.size[::-1], _NO_PICTURE)
+                work.prepared = True
+                return None
             picture = decode_image(data)
             del data  # the decoded picture is all that is needed from here on
             rgb = to_rgb(picture, name=item.display)
             if pixels:
                 work.pixel_values = pipe.prepare_inputs([rgb], resolved.preprocessing)
+                if resolved.strength < 1:
+                    work.init_picture = rgb
             if thumbnail:
                 work.thumbnail = rgb.resize(resolved.size[::-1], Image.Resampling.BICUBIC)
         except InputError as e:
@@ -239,11 +281,12 @@ class _Runner:
 
     def batches(self, items: list[InputFile], pipe: ImageVariationPipeline, resolved: GenerationSettings,
                 ) -> Iterator[_Batch]:
-        """Batches of at most ``len(devices) * batch_size`` inputs to sample (the last may be short), or of
-        inputs that only need their grid; each also carries the finished outputs and failures met on the way."""
+        """Batches of at most ``len(devices) * batch_size`` inputs to sample (the last may be short), all pictures
+        or all embeddings, or of inputs that only need their grid; each also carries the finished outputs and
+        failures met on the way."""
         per_call = len(self.devices) * resolved.batch_size
         found = _Batch()  # finished outputs and failures since the last batch
-        sampled: list[_Work] = []
+        waiting: dict[bool, list[_Work]] = {False: [], True: []}  # inputs to sample, by whether embedded
         grid_only: list[_Work] = []
 
         def take(works: list[_Work]) -> _Batch:
@@ -254,15 +297,19 @@ class _Runner:
             return batch
 
         for work in self.planned(items, pipe, resolved, found):
+            sampled = waiting[work.embedded]
             (sampled if work.missing else grid_only).append(work)
             if len(sampled) == per_call:
                 yield take(sampled + grid_only)
-                sampled, grid_only = [], []
+                waiting[work.embedded], grid_only = [], []
             elif len(grid_only) == per_call:  # a grid-only batch: nothing to sample, thumbnails bounded
                 yield take(grid_only)
                 grid_only = []
-        if sampled or grid_only or found.skipped or found.failures:
-            yield take(sampled + grid_only)
+        pictures, embeddings = waiting[False], waiting[True]
+        if embeddings:
+            yield take(embeddings)
+        if pictures or grid_only or found.skipped or found.failures:
+            yield take(pictures + grid_only)
 
     def is_local(self, r: int) -> bool:
         """Whether this process's devices vary the r-th sampled input of a call: device r // batch_size does."""
@@ -276,7 +323,7 @@ class _Runner:
             return
         for r, work in enumerate(batch.sampled):
             if not self.is_local(r):
-                work.pixel_values = work.thumbnail = None
+                work.release()
             elif not work.prepared:
                 reason = self.prepare(work, None, pipe, resolved, True, work.grid)
                 if reason is not None:
@@ -306,16 +353,32 @@ class _Runner:
         s = resolved
         k = s.num_images_per_prompt
         height, width = s.size
-        side = pipe.image_encoder.config.image_size
+        options: dict[str, Any] = {}
+        negative = self.negative
         # Rows this process's devices do not use may hold anything: zeros for works prepared elsewhere.
-        pixel_values = np.concatenate([np.zeros((1, 3, side, side), np.float32) if w.pixel_values is None
+        if works[0].embedded:
+            pictures, embeds = None, self.embeddings(works, pipe, params, s)
+        else:
+            side = pipe.image_encoder.config.image_size
+            pictures = np.concatenate([np.zeros((1, 3, side, side), np.float32) if w.pixel_values is None
                                        else w.pixel_values for w in works])
+            embeds = None
+            if negative is not None and negative.embedding is not None:
+                # A negative embedding goes only with embeddings: the pictures become theirs.
+                pictures, embeds = None, self.embeddings(works, pipe, params, s, pictures)
+            if s.strength < 1:
+                options["init_image"] = [w.init_picture or _ELSEWHERE for w in works]
+        if negative is not None and embeds is None:
+            options["negative_image"] = negative.picture
+        elif negative is not None:
+            options["negative_image_embeds"] = self.negative_embedding(pipe, params, s)
         try:
             result = pipe.generate(
-                pixel_values, params, s.seed, num_images_per_prompt=k,
+                pictures, params, s.seed, num_images_per_prompt=k,
                 first_index=[outputs.picture_index(w.item, 0, k) for w in works], devices=self.devices,
                 slots=len(self.devices) * s.batch_size * k, num_inference_steps=s.steps, guidance_scale=s.guidance,
-                height=height, width=width, eta=s.eta, preprocessing=s.preprocessing)
+                height=height, width=width, eta=s.eta, preprocessing=s.preprocessing, mix_method=s.mix_method,
+                strength=s.strength, image_embeds=embeds, **options)
             bad: dict[int, str] = {}
         except NonFiniteError as e:
             result, bad = e.output, dict(e.pictures)
@@ -335,6 +398,31 @@ class _Runner:
         flags = None if result.nsfw_content_detected is None else \
             {p: result.nsfw_content_detected[i] for p, i in rows.items()}
         return images, flags, bad
+
+    def embeddings(self, works: list[_Work], pipe: ImageVariationPipeline, params: dict[str, Any],
+                   resolved: GenerationSettings, pixel_values: np.ndarray | None = None) -> np.ndarray:
+        """The works' embeddings ``[len(works), D]``: embedding inputs' own, or those of ``pixel_values`` (rows of
+        picture inputs); zeros for the rows prepared elsewhere."""
+        embeds = np.zeros((len(works), pipe.image_encoder.config.projection_dim), np.float32)
+        if pixel_values is None:
+            for r, work in enumerate(works):
+                if work.embedding is not None:
+                    embeds[r] = work.embedding[0]
+            return embeds
+        rows = [r for r, work in enumerate(works) if work.pixel_values is not None]
+        if rows:
+            embeds[rows] = pipe.image_embeddings(pixel_values[rows], _local_encoder(params), resolved.preprocessing)
+        return embeds
+
+    def negative_embedding(self, pipe: ImageVariationPipeline, params: dict[str, Any],
+                           resolved: GenerationSettings) -> np.ndarray:
+        """The negative's embedding ``[1, D]`` (a picture's is computed once)."""
+        if self.negative.embedding is not None:
+            return self.negative.embedding
+        if self.negative_embeds is None:
+            self.negative_embeds = pipe.image_embeddings([self.negative.picture], _local_encoder(params),
+                                                         resolved.preprocessing)
+        return self.negative_embeds
 
     # -- writer thread ---------------------------------------------------
 
@@ -364,8 +452,8 @@ class _Runner:
                     (picture,) = to_pil(images[n])
                     outputs.write_png(folder / f"{j}.png", picture,
                                       outputs.output_text(resolved, work.sha256, outputs.picture_index(item, j, k),
-                                                          nsfw))
-                    self.add_record(outputs.record(item, work.sha256, j, resolved, nsfw))
+                                                          nsfw, negative=self.negative_sha))
+                    self.add_record(outputs.record(item, work.sha256, j, resolved, nsfw, self.negative))
                     self.summary.done += 1
                     fresh[j] = picture
                 if work.grid:
@@ -374,14 +462,15 @@ class _Runner:
                 self.fail(item.display, str(e))
             finally:
                 r += 1 if work.missing else 0
-                work.pixel_values = work.thumbnail = None
+                work.release()
 
     def write_grid(self, work: _Work, folder: Path, fresh: dict[int, Image.Image], resolved: GenerationSettings,
                    ) -> None:
         k = resolved.num_images_per_prompt
         tiles = [work.thumbnail] + [fresh[j] if j in fresh else _read_rgb(folder / f"{j}.png") for j in range(k)]
         outputs.write_png(folder / GRID, outputs.contact_sheet(tiles, resolved.size[::-1]),
-                          outputs.output_text(resolved, work.sha256, outputs.grid_index(work.item, k), grid=True))
+                          outputs.output_text(resolved, work.sha256, outputs.grid_index(work.item, k), grid=True,
+                                              negative=self.negative_sha))
 
     def add_record(self, entry: dict[str, Any]) -> None:
         """Note a variation's manifest line, on disk at once (a job's processes each in their own part file)."""
@@ -427,6 +516,8 @@ class _Runner:
             s.model, revision=s.revision, scheduler=s.scheduler, dtype=s.dtype, vae_dtype=s.vae_dtype,
             attention=s.attention, safety_checker=s.safety_checker, devices=self.devices)
         resolved = pipe.resolve(s, hub.recorded_revision(s.model, s.revision))
+        if self.negative is not None:
+            self.negative = self.negative.checked(pipe.image_encoder.config.projection_dim, "--negative")
 
         def ready() -> None:
             if self.folder is None:
@@ -437,7 +528,7 @@ class _Runner:
                 removed = self.folder.start_over()
                 if removed:
                     self.note(f"--start-over: removed {removed} earlier output(s) from {printable(str(self.out))}")
-            elif (conflict := self.folder.conflicts(resolved, resolved=True)) is not None:
+            elif (conflict := self.folder.conflicts(resolved, resolved=True, negative=self.negative_sha)) is not None:
                 raise OutputError(conflict)
 
         self.main_first("out-ready", ready)
@@ -464,6 +555,12 @@ def _job_summary(mine: RunSummary) -> RunSummary:
     parts = distributed.gather("summary", [mine.done, mine.skipped, mine.failures, mine.seconds])
     return RunSummary(done=sum(p[0] for p in parts), skipped=sum(p[1] for p in parts),
                       failures=[tuple(f) for p in parts for f in p[2]], seconds=max(p[3] for p in parts))
+
+
+def _local_encoder(params: dict[str, Any]) -> dict[str, Any]:
+    """The image encoder's params as replicated on one of this process's devices only, for ``image_embeddings``:
+    in a job the params span every process's devices, and encoding there would need all of them."""
+    return {"image_encoder": jax.tree.map(lambda a: a.addressable_shards[0].data, params["image_encoder"])}
 
 
 def _check_replaceable(path: Path) -> None:
@@ -501,10 +598,13 @@ def _report_stderr(line: str) -> None:
 def run_generate(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, settings: GenerationSettings, *,
                  report: Callable[[str], None] | None = None, note: Callable[[str], None] | None = None,
                  progress: bool | None = None, devices: Sequence[jax.Device] | None = None,
-                 start_over: bool = False) -> RunSummary:
+                 start_over: bool = False, negative: str | os.PathLike | None = None) -> RunSummary:
     """Generate ``settings.num_images_per_prompt`` variations of every input into ``out``; see ``imvar_jax.batch``.
 
-    ``inputs``: files, folders and glob patterns (``collect_inputs``). Inputs that cannot be used
+    ``inputs``: files, folders and glob patterns (``collect_inputs``); a file ending ``.npy`` is a CLIP
+    image embedding ``[D]`` or ``[1, D]`` (taken only when named: folders and globs give pictures).
+    ``negative``: a picture or ``.npy`` embedding whose embedding every input's unconditional half
+    uses; its sha256 is recorded in every output and compared like a setting. Inputs that cannot be used
     are reported through ``report`` (default: a line on stderr) as ``"<input>: <reason>"``, listed in
     the summary's ``failures`` and skipped; ``note`` (default stderr) gets what the run cleaned up.
     ``progress``: show a progress bar (default: when stderr is a terminal). ``devices``: where to
@@ -515,15 +615,17 @@ def run_generate(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, se
     refuses (OutputError naming the settings) unless ``start_over``, which first deletes every
     earlier imvar-jax output and the manifest there (another program's files are never touched).
     Raises SettingsError for settings that do not fit the loaded model (such as ``size``),
-    OutputError when ``out`` cannot be used; the model's own load errors propagate.
+    OutputError when ``out`` cannot be used, SourceError when ``negative`` cannot; the model's own load
+    errors propagate.
     """
     if not isinstance(settings, GenerationSettings):
         raise TypeError(f"settings: expected a GenerationSettings, got {type(settings).__name__}")
     out_dir = Path(os.path.abspath(os.path.expanduser(os.fspath(out))))
     if os.path.lexists(out_dir) and not out_dir.is_dir():
         raise OutputError(f"out: {printable(str(out_dir))} exists and is not a folder")
+    source = None if negative is None else read_source(negative, "--negative", exclude=out_dir)
     runner = _Runner(out_dir, settings, report or _report_stderr, note or _report_stderr,
-                     sys.stderr.isatty() if progress is None else progress, devices)
+                     sys.stderr.isatty() if progress is None else progress, devices, source)
     job = runner.job
     items, misses = collect_inputs(inputs, exclude=out_dir)
     if job.is_multiprocess:
@@ -542,7 +644,8 @@ def run_generate(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, se
     def check() -> None:
         if out_dir.exists():
             runner.open_folder()
-            if not start_over and (conflict := runner.folder.conflicts(settings, resolved=False)) is not None:
+            if not start_over and (conflict := runner.folder.conflicts(
+                    settings, resolved=False, negative=runner.negative_sha)) is not None:
                 raise OutputError(conflict)
         else:
             outputs.check_creatable(out_dir)
