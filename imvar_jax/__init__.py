@@ -1,6 +1,7 @@
 """imvar-jax: Stable Diffusion Image Variations in JAX/Flax."""
 
 
+from .conditioning import mix_embeddings, path_weights
 from .convert.checkpoint import convert_checkpoint
 from .convert.common import ConversionError
 from .errors import NonFiniteError
@@ -14,7 +15,9 @@ from .models.vae import AutoencoderKL, VAEConfig
 from .parallel import Placement, image_keys, replicate, shard, unreplicate, unshard
 from .pipeline import ImageVariationOutput, ImageVariationPipeline
 from .preprocessing import prepare_inputs, to_pil
-from .schedulers import DDIMScheduler, LMSDiscreteScheduler, PNDMScheduler, make_scheduler
+from .schedulers import (DDIMScheduler, DPMSolverMultistepKarrasScheduler, DPMSolverMultistepScheduler,
+                         EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LMSDiscreteScheduler, PNDMScheduler,
+                         make_scheduler)
 from .settings import GenerationSettings, SettingsError
 from .xla_flags import apply_cpu_flags
 
@@ -27,6 +30,10 @@ __all__ = [
     "ConfigError",
     "ConversionError",
     "DDIMScheduler",
+    "DPMSolverMultistepKarrasScheduler",
+    "DPMSolverMultistepScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "EulerDiscreteScheduler",
     "GenerationSettings",
     "ImageVariationOutput",
     "ImageVariationPipeline",
@@ -47,6 +54,8 @@ __all__ = [
     "export_unet",
     "image_keys",
     "make_scheduler",
+    "mix_embeddings",
+    "path_weights",
     "prepare_inputs",
     "replicate",
     "shard",
