@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -56,9 +57,17 @@ def _generate(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from . import distributed, hub
-    from .batch import OutputError, printable, run_generate
+    from .batch import OutputError, SourceError, printable, run_generate, run_interpolate, run_mix
     from .settings import GenerationSettings, SettingsError
 
+    given = [what for what, value in (("INPUT", args.inputs), ("--mix", args.mix),
+                                      ("--interpolate", args.interpolate)) if value]
+    if len(given) != 1:
+        args.subparser.print_usage(sys.stderr)
+        why = (f"{' and '.join(given)} cannot be combined" if given else "nothing to generate from") + \
+            ": give INPUT files, or --mix, or --interpolate"
+        print(f"imvar-jax generate: error: {why}", file=sys.stderr)
+        return 2
     name = _join(args, "imvar-jax generate")
     if name is None:
         return 1
@@ -66,15 +75,24 @@ def _generate(args: argparse.Namespace) -> int:
         hub.enable_compile_cache()
     try:
         settings = GenerationSettings.from_args(args)
-        summary = run_generate(args.inputs, args.out, settings, start_over=args.start_over,
-                               report=lambda line: tqdm.write(f"{name}: error: {line}", file=sys.stderr),
-                               note=lambda line: tqdm.write(f"{name}: {line}", file=sys.stderr))
+
+        lines = {"report": lambda line: tqdm.write(f"{name}: error: {line}", file=sys.stderr),
+                 "note": lambda line: tqdm.write(f"{name}: {line}", file=sys.stderr)}
+        if args.mix:
+            summary = run_mix(args.mix, args.out, settings, negative=args.negative, start_over=args.start_over,
+                              **lines)
+        elif args.interpolate:
+            summary = run_interpolate(args.interpolate, args.out, settings, negative=args.negative,
+                                      start_over=args.start_over, **lines)
+        else:
+            summary = run_generate(args.inputs, args.out, settings, negative=args.negative,
+                                   start_over=args.start_over, **lines)
     except SettingsError as e:
         # Settings that only the loaded model can judge (such as --size) are argument errors too.
         args.subparser.print_usage(sys.stderr)
         print(f"{name}: error: {e}", file=sys.stderr)
         return 2
-    except (OutputError, distributed.DistributedError) as e:
+    except (OutputError, SourceError, distributed.DistributedError) as e:
         print(f"{name}: error: {e}", file=sys.stderr)
         return 1
     except OSError as e:
@@ -137,18 +155,44 @@ def _info(args: argparse.Namespace) -> int:
 
 
 def _add_generate(sub) -> None:
+    from .batch.creative import FPS
     from .settings import add_arguments
 
     gen = sub.add_parser(
         "generate", help="generate variations of many pictures into a folder (resumable)",
+        usage="%(prog)s (INPUT ... | --mix PATH[:WEIGHT] ... | --interpolate PATH PATH ...) [options]",
         description="Generate variations of every input picture on every device. Outputs go to "
                     "OUT/<input stem>/<j>.png with the settings in PNG text chunks and one line per picture "
                     "in OUT/manifest.jsonl. Running the same command again skips finished pictures, so an "
-                    "interrupted run can simply be restarted. Exit code 1 if any input could not be used.")
-    gen.add_argument("inputs", nargs="+", metavar="INPUT",
+                    "interrupted run can simply be restarted. Exit code 1 if any input could not be used. "
+                    "Instead of INPUTs, --mix makes one mixed conditioning of several pictures and "
+                    "--interpolate a sweep between them.")
+    gen.add_argument("inputs", nargs="*", metavar="INPUT",
                      help="picture files (any extension), folders (searched recursively for image files) "
-                          "or glob patterns (** recurses)")
+                          "or glob patterns (** recurses); a file named X.npy is a CLIP image embedding "
+                          "[D] or [1, D] (numpy.save), varied like a picture into OUT/X/")
     add_arguments(gen)
+    creative = gen.add_argument_group(
+        "creative controls",
+        "--mix and --interpolate replace the INPUTs and take pictures or .npy embeddings, in order; they run "
+        "in one process. With them, --strength below 1 starts every picture from the first source listed, "
+        "which must then be a picture. Their outputs carry the sources' sha256s (and weights) and are "
+        "resumed like the others.")
+    sources = creative.add_mutually_exclusive_group()
+    sources.add_argument("--mix", nargs="+", type=_mix_source, metavar="PATH[:WEIGHT]",
+                         help="mix the sources' embeddings (--mix-method; weight default 1, normalised to sum "
+                              "1; a path's last ':' starts a weight only if a number follows) into one "
+                              "conditioning, varied --num-per-image times into OUT/mix/<j>.png (and "
+                              "OUT/mix/grid.png with --grid: the sources, then the variations)")
+    sources.add_argument("--interpolate", nargs="+", metavar="PATH",
+                         help="--frames pictures along the path through two or more sources' embeddings "
+                              "(--mix-method), every frame from the same noise: OUT/interpolation/frame-<f>.png "
+                              "(frame-<f>-<j>.png with --num-per-image above 1), grid.png with every frame, and "
+                              f"animation.gif and animation.webp of variation 0 at {FPS} frames per second")
+    creative.add_argument("--negative", metavar="PATH",
+                          help="a picture or .npy embedding to steer every picture away from: classifier-free "
+                               "guidance's unconditional half uses its embedding instead of the empty one "
+                               "(its sha256 is recorded and, on a re-run, compared like a setting)")
     gen.add_argument("--out", default="variations", help="output folder (default ./variations)")
     gen.add_argument("--start-over", action="store_true",
                      help="when OUT holds outputs made with other settings, delete imvar-jax's earlier outputs "
@@ -175,6 +219,24 @@ def _add_job_arguments(parser: argparse.ArgumentParser, what: str) -> None:
     job.add_argument("--process-timeout", type=_positive_seconds, metavar="S", default=300,
                      help="seconds to wait for every process to join and, later, to reach the same point of "
                           "the job before failing (default 300)")
+
+
+def _mix_source(text: str) -> tuple[str, float]:
+    """``PATH`` or ``PATH:WEIGHT`` -> ``(path, weight)``; a path with a ':' in it stays whole unless a number
+    follows its last ':'."""
+    path, colon, tail = text.rpartition(":")
+    if not colon:
+        return text, 1.0
+    try:
+        weight = float(tail)
+    except ValueError:
+        if os.path.lexists(path) and not os.path.lexists(text):
+            raise argparse.ArgumentTypeError(f"{text!r}: the weight {tail!r} is not a number "
+                                             f"(expected PATH or PATH:WEIGHT)") from None
+        return text, 1.0
+    if not math.isfinite(weight) or weight < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected a finite weight >= 0, got {tail}")
+    return path, weight
 
 
 def _positive_seconds(text: str) -> int:

@@ -26,14 +26,23 @@ write is never replaced (that input fails); every write is checked to stay insid
 holds a lock on ``OUT`` (``flock`` on the folder), so two runs never write into one folder.
 
 The settings in the text chunks and manifest records are those of ``GenerationSettings``
-(``imvar_jax.settings``), written and read back there. Modules: ``inputs`` (discovery, naming,
-reading and decoding), ``outputs`` (atomic writes, PNG text, manifest, contact sheets) and
-``runner`` (the run).
+(``imvar_jax.settings``), written and read back there.
+
+An input named ``*.npy`` is a CLIP image embedding (``[D]`` or ``[1, D]``), varied like a picture.
+``negative``: a picture or embedding whose embedding every input's unconditional half uses; its
+sha256 is in every output (``negative_sha256``) and compared like a setting. ``run_mix`` and
+``run_interpolate`` (``creative``) make one conditioning of several sources, into ``OUT/mix/``
+and ``OUT/interpolation/`` (so no input's folder takes those names).
+
+Modules: ``inputs`` (discovery, naming, reading and decoding), ``outputs`` (atomic writes, PNG
+text, manifest, contact sheets, animations), ``runner`` (the run) and ``creative`` (mixes and
+interpolations).
 """
 
 from ..settings import SettingsError
-from .inputs import (GRID, IMAGE_EXTENSIONS, MANIFEST, InputError, InputFile, collect_inputs, decode_image, printable,
-                     safe_name)
+from .creative import run_interpolate, run_mix
+from .inputs import (GRID, IMAGE_EXTENSIONS, MANIFEST, InputError, InputFile, SourceError, collect_inputs, decode_image,
+                     printable, safe_name)
 from .outputs import OutputError, contact_sheet
 from .runner import RunSummary, run_generate
 
@@ -46,10 +55,13 @@ __all__ = [
     "InputFile",
     "RunSummary",
     "SettingsError",
+    "SourceError",
     "collect_inputs",
     "contact_sheet",
     "decode_image",
     "printable",
     "run_generate",
+    "run_interpolate",
+    "run_mix",
     "safe_name",
 ]
