@@ -826,7 +826,8 @@ class ImageVariationPipeline:
             planned.append((picture_plan(len(mixes.weights), k, starts, multiple=len(placement), slots=slots), mixes))
             plan = planned[0][0]
             local = plan.inputs[placement.local_slots(len(plan.source))]
-            return np.unique(mixes.sources[local][:, :n])
+            used = np.unique(mixes.sources[local])
+            return used[used < n]  # source n, the negative picture, is prepared on its own
 
         if embeds is not None:
             needed(len(embeds))
