@@ -30,8 +30,8 @@ STEPS = 4
 HEIGHT, WIDTH = 16, 24  # the tiny VAE downsamples by 2
 LATENT = (4, HEIGHT // 2, WIDTH // 2)
 # Max abs pixel error against diffusers' pieces, about 5x the largest measured (jax 0.10.2, torch 2.13, CPU):
-# strength runs 4.5e-6 to 8.2e-6 (DDIM, Euler and Euler ancestral the largest), the slerp mix with a negative 2.7e-6, the
-# linear mix 3.7e-6.
+# strength runs 4.5e-6 to 8.2e-6 (DDIM, Euler and Euler ancestral the largest), the slerp mix with a
+# negative 2.7e-6, the linear mix 3.7e-6.
 TOLERANCE = 4e-5
 
 

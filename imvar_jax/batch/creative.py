@@ -42,6 +42,7 @@ from PIL import Image
 from .. import distributed, hub
 from ..conditioning import check_weights
 from ..errors import NonFiniteError
+from ..parallel import Placement
 from ..pipeline import ImageVariationPipeline
 from ..preprocessing import to_pil
 from ..settings import GenerationSettings, SettingsError
@@ -79,7 +80,7 @@ class _Creative:
         self.negative_sha = None if negative is None else negative.sha256
         self.report = report
         self.note = note
-        self.devices = devices
+        self.devices = list(Placement.of(devices).devices)
         self.folder: OutFolder | None = None
         self.summary = RunSummary()
         self.records: dict[str, dict[str, Any]] = {}
