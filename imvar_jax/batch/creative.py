@@ -116,18 +116,18 @@ class _Creative:
     def targets(self, resolved: GenerationSettings) -> list[_Target]:
         k = resolved.num_images_per_prompt
         if self.mode == MIX:
-            found = [_Target(f"{MIX}/{j}.png", str(j), "picture", j, j) for j in range(k)]
+            planned = [_Target(f"{MIX}/{j}.png", str(j), "picture", j, j) for j in range(k)]
             if resolved.grid:
-                found.append(_Target(f"{MIX}/{GRID}", f"0-{k - 1}", "grid"))
-            return found
+                planned.append(_Target(f"{MIX}/{GRID}", f"0-{k - 1}", "grid"))
+            return planned
         frames = resolved.frames
         width = len(str(frames - 1))
-        found = [_Target(f"{INTERPOLATION}/frame-{f:0{width}d}{'' if k == 1 else f'-{j}'}.png", str(f * k + j),
-                         "picture", f * k + j, j, f) for f in range(frames) for j in range(k)]
-        found.append(_Target(f"{INTERPOLATION}/{GRID}", f"0-{frames * k - 1}", "grid"))
-        found += [_Target(f"{INTERPOLATION}/{name}", f"0-{(frames - 1) * k}", "animation")
-                  for name in outputs.ANIMATIONS]
-        return found
+        planned = [_Target(f"{INTERPOLATION}/frame-{f:0{width}d}{'' if k == 1 else f'-{j}'}.png", str(f * k + j),
+                           "picture", f * k + j, j, f) for f in range(frames) for j in range(k)]
+        planned.append(_Target(f"{INTERPOLATION}/{GRID}", f"0-{frames * k - 1}", "grid"))
+        planned += [_Target(f"{INTERPOLATION}/{name}", f"0-{(frames - 1) * k}", "animation")
+                    for name in outputs.ANIMATIONS]
+        return planned
 
     def text(self, resolved: GenerationSettings, target: _Target, nsfw: bool | None = None) -> dict[str, str]:
         keys = dict(self.keys)
@@ -153,15 +153,16 @@ class _Creative:
         differing = [text for rel, text in self.folder.outputs.items()
                      if rel.startswith(f"{name}/") and text.get("input_sha256") != self.digest]
         if differing:
-            there = differing[0]
-            what = [f"frames {there.get(outputs.FRAMES_KEY, 'none')} there, {self.keys[outputs.FRAMES_KEY]} now"
-                    ] if there.get(outputs.FRAMES_KEY) != self.keys.get(outputs.FRAMES_KEY) else []
-            if there.get(outputs.SOURCES_KEY) != self.keys[outputs.SOURCES_KEY]:
+            there, what = differing[0], []
+            frames = there.get(outputs.FRAMES_KEY), self.keys.get(outputs.FRAMES_KEY)
+            if frames[0] != frames[1]:
+                what.append(f"frames {frames[0] or 'none'} there, {frames[1] or 'none'} now")
+            if there.get(outputs.SOURCES_KEY) != self.keys[outputs.SOURCES_KEY] or not what:
                 what.append("other sources or weights")
             raise OutputError(f"out: {printable(str(self.folder.path / name))} holds {len(differing)} earlier "
-                              f"output(s) made from other {self.option} sources ({'; '.join(what) or 'another kind'}); "
-                              f"pass --start-over to delete imvar-jax's earlier outputs there first, or choose "
-                              f"another --out")
+                              f"output(s) made from other {self.option} sources ({'; '.join(what)}); pass "
+                              f"--start-over to delete imvar-jax's earlier outputs there first, or choose another "
+                              f"--out")
         left = []
         for target in targets:
             path = self.folder.path / target.rel
@@ -278,8 +279,7 @@ class _Creative:
                 return self.summary
             self.write(resolved, left, pictures, flags)
         finally:
-            earlier = {rel: text for rel, text in self.folder.outputs.items() if outputs.is_output_name(Path(rel).name)
-                       and Path(rel).name != GRID}
+            earlier = {rel: text for rel, text in self.folder.outputs.items() if Path(rel).name != GRID}
             outputs.rewrite_manifest(self.folder.path, self.records, earlier)
             self.summary.seconds = time.perf_counter() - start
         return self.summary
@@ -293,8 +293,8 @@ def _run(mode: str, specs: Sequence[str | os.PathLike], weights: list[float] | N
         raise TypeError(f"settings: expected a GenerationSettings, got {type(settings).__name__}")
     option = "--mix" if mode == MIX else "--interpolate"
     if distributed.current().is_multiprocess:
-        raise SettingsError(f"{option[2:]}: runs in one process (its grid and animation need every picture); "
-                            f"run it without a multi-process job")
+        raise SettingsError(f"{option[2:]}: runs in one process only (its grid is made from all of its pictures "
+                            f"in one place); run it without a multi-process job")
     if mode == INTERPOLATION and len(specs) < 2:
         raise SettingsError(f"interpolate: expected at least 2 sources to interpolate between, got {len(specs)}")
     if mode == INTERPOLATION and settings.frames < 2:
