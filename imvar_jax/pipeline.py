@@ -34,10 +34,15 @@ from .preprocessing import prepare_init_images, prepare_inputs, to_pil
 from .sampling import Conditioning, Models, SampleOptions, encode_sources, sample
 from .schedulers import SD_V1_SCHEDULER_CONFIG, make_scheduler
 from .schedulers.common import start_step
-from .settings import (MAX_PICTURES_PER_DEVICE, MAX_SIDE, SEED_LIMIT, GenerationSettings, SettingsError, check_value,
-                       positive_int)
+from .settings import (MAX_PICTURES_PER_DEVICE, MAX_SIDE, MAX_STEPS, SEED_LIMIT, GenerationSettings, SettingsError,
+                       check_value, positive_int)
 
 log = logging.getLogger(__name__)
+
+# Every scheduler's tables are padded to this many loop steps: at most MAX_STEPS steps plus PNDM's
+# warm-up calls (9 with Runge-Kutta steps). A new step count then changes values, not shapes, and compiles
+# nothing; the loop stops at the real count, so the padding costs no step.
+TABLE_STEPS = MAX_STEPS + 24
 
 
 def _nchw_to_nhwc(x: jax.Array) -> jax.Array:
@@ -375,7 +380,8 @@ class ImageVariationPipeline:
         the call's size is allocated; the same executable then runs the call.
         """
         params_key = _signature(params)
-        key = ("sample-exe", opts, placement, stacked, rows, steps, params_key, source_shape)
+        # Not the step count: the tables are padded to TABLE_STEPS, so every count shares one program.
+        key = ("sample-exe", opts, placement, stacked, rows, params_key, source_shape)
         with self._lock:
             found = self._programs.get(key)
         if found is not None:
@@ -392,7 +398,8 @@ class ImageVariationPipeline:
         split, whole = placement.batch_sharding, placement.replicated_sharding
         f = self.vae_scale_factor
         n_out = rows * opts.num_images_per_prompt
-        state = jax.eval_shape(lambda: self.scheduler.set_timesteps(steps, (per_device, h, w, c)))
+        state = jax.eval_shape(lambda: self.scheduler.set_timesteps(steps, (per_device, h, w, c),
+                                                                    padded_to=TABLE_STEPS))
         scalar = {dtype: jax.ShapeDtypeStruct((), dtype, sharding=whole) for dtype in (jnp.float32, jnp.int32)}
 
         def rows_of(*shape: int, dtype: Any = jnp.float32) -> jax.ShapeDtypeStruct:
@@ -550,7 +557,7 @@ class ImageVariationPipeline:
         opts = SampleOptions(num_images_per_prompt=k, latent_size=latent_shape[1:], do_cfg=guidance > 1.0,
                              latents_given=latents is not None, with_callback=callback is not None,
                              scheduler=self.scheduler, sources=cond.weights.shape[1], embeds_given=cond.embeds_given,
-                             mix=cond.mix, from_image=from_image)
+                             mix=cond.mix, from_image=from_image, padded_tables=True)
         models = {n: params[n] for n in ("unet", "vae", "image_encoder")}
         source_shape = cond.sources.shape[2:]
         executable = self._sample_executable(opts, placement, models, stacked, rows, steps, latent_shape,
@@ -569,10 +576,11 @@ class ImageVariationPipeline:
                           setting, one_picture)
 
         try:
-            sched_state = self.scheduler.set_timesteps(steps, (per_device, *latent_shape[1:], latent_shape[0]), start)
+            sched_state = self.scheduler.set_timesteps(steps, (per_device, *latent_shape[1:], latent_shape[0]), start,
+                                                       padded_to=TABLE_STEPS)
         except ValueError as e:
             raise SettingsError(f"strength: {e}" if start else str(e)) from None
-        warmup = sched_state.timesteps.shape[0] - steps
+        warmup = int(sched_state.length) - steps
         if isinstance(seed, _InputSeeds):
             keys = seeded_picture_keys(seed.seeds[np.repeat(inputs, k)], indices)
         else:

@@ -4,7 +4,8 @@ Everything here is traceable and device-local: the pipeline runs it on each devi
 ``parallel.Placement`` (``shard_map`` over a mesh, under ``jit``). Static choices (images per input,
 guidance on/off, whether latents are given, how many sources each input mixes and how, img2img or not)
 pick the program; ``guidance_scale``, ``eta``, the mixing weights, the img2img start step, the
-scheduler state (timesteps included) and ``callback_steps`` are traced values.
+scheduler state (timesteps included, and with padded tables the number of steps) and
+``callback_steps`` are traced values.
 
 The program also reports where each picture first went non-finite (NaN or inf), so a numerical
 failure is named by step and picture instead of surfacing later as a broken PNG.
@@ -52,6 +53,9 @@ class SampleOptions:
     embeds_given: bool = False  # the sources are CLIP image embeddings, not pixel values to encode
     mix: str = "linear"  # conditioning.MIX_METHODS
     from_image: bool = False  # start from a picture's VAE latents noised to the start step (strength < 1)
+    # The scheduler's tables are padded past its real length, so that one program serves every step count: the
+    # loop then stops at the state's traced ``length`` instead of the tables' static one.
+    padded_tables: bool = False
 
 
 class Conditioning(NamedTuple):
@@ -146,6 +150,7 @@ def sample(models: Models, opts: SampleOptions, params: dict[str, Any], cond: Co
     else:
         noise = jax.vmap(lambda key: latent_noise(key, channels, opts.latent_size, 0))(keys)
     start = cond.start if opts.from_image else 0
+    stop = sched_state.length if opts.padded_tables else sched_state.timesteps.shape[0]
     if opts.from_image:
         x = noised_picture_latents(models, params, cond.init_pixels, keys, k, noise, scheduler, sched_state, start)
     else:
@@ -170,7 +175,7 @@ def sample(models: Models, opts: SampleOptions, params: dict[str, Any], cond: Co
         finite = jnp.all(jnp.isfinite(x), axis=(1, 2, 3))
         nonfinite_step = jnp.where((nonfinite_step < 0) & ~finite, i, nonfinite_step)
         if opts.with_callback:
-            last = i == state.timesteps.shape[0] - 1
+            last = i == stop - 1
             # Steps are counted from the run's own first step, as diffusers' img2img loop counts them.
             run_step = i - start
             jax.lax.cond(((run_step + 1 > callback_warmup) | last) & (run_step % callback_steps == 0),
@@ -179,7 +184,7 @@ def sample(models: Models, opts: SampleOptions, params: dict[str, Any], cond: Co
         return x, state, nonfinite_step
 
     nonfinite_step = jnp.full((x.shape[0],), -1, jnp.int32)
-    x, _, nonfinite_step = jax.lax.fori_loop(start, sched_state.timesteps.shape[0], body,
+    x, _, nonfinite_step = jax.lax.fori_loop(start, stop, body,
                                              (x, sched_state, nonfinite_step))
 
     z = (x / vae.config.scaling_factor).astype(vae.dtype)

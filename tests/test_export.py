@@ -225,9 +225,10 @@ def test_sampling_program_for_tpu_runs_mosaic_splash():
     loop = _denoising_loop(pipe, low)
     # Splash is compiled by Mosaic (a tpu_custom_call per attention), not interpreted: an
     # interpreted kernel would be loops of slices, and the only loops are the denoising loop and
-    # the decoder's map over pictures (whose one attention, the VAE's, is a kernel too).
+    # the image encoder's and the decoder's maps over pictures (the decoder's one attention, the
+    # VAE's, is a kernel too).
     assert _kernels(loop.ops, MOSAIC) == sum(UNET_HEADS.values())
-    assert sorted(loop.trips for loop in low.loops) == sorted([1, loop.trips])
+    assert sorted(loop.trips for loop in low.loops) == sorted([1, 1, loop.trips])
     vae_heads = {512: 1}  # the decoder's mid-block attention: one float32 head, 512 wide
     assert low.attention_heads[MOSAIC] == lanes(UNET_HEADS) + lanes(CLIP_HEADS) + lanes(vae_heads)
     assert CUDNN not in low.attention_heads

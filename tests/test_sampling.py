@@ -240,9 +240,16 @@ def test_compiles_once_and_not_per_step(folder):
     with CompileLog() as second:
         pipe(b, params, 1, guidance_scale=7.5, eta=0.5, **common)
     assert second.names == []
+    # So is the step count: the scheduler's tables are padded to one length, the loop stops at the real one.
+    with CompileLog() as steps:
+        by_steps = {n: pipe(a, params, 0, guidance_scale=3.0, **{**common, "num_inference_steps": n}).images
+                    for n in (10, 20, 50)}
+    assert steps.names == []
+    assert float(np.abs(by_steps[10] - by_steps[50]).max()) > 1e-3  # the runs did differ in length
 
     # The loop is one XLA while over the scheduler's real timesteps, not unrolled: the compiled
-    # program for 10 and for 50 steps is the same size, with one loop of each length.
+    # program for 10 and for 50 steps (tables not padded, as exported programs have them) is the same
+    # size, with one loop of each length.
     models = Models(pipe.unet, pipe.vae, pipe.image_encoder)
     opts = SampleOptions(num_images_per_prompt=K, latent_size=(HEIGHT // 2, WIDTH // 2), do_cfg=True,
                          latents_given=False, with_callback=False, scheduler=pipe.scheduler)

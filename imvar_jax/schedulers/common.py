@@ -301,6 +301,19 @@ def start_step(num_inference_steps: int, strength: float) -> int:
     return num_inference_steps - run
 
 
+def padded(table: Any, loop_steps: int, padded_to: int | None) -> np.ndarray:
+    """A per-loop-step ``table`` (``loop_steps`` entries, or one more for sigmas) padded by repeating its last
+    entry to ``padded_to`` loop steps, so that every step count up to ``padded_to`` gives a state of one shape
+    (one compiled program); the loop stops at the state's ``length`` and never reads the padding."""
+    table = np.asarray(table)
+    if padded_to is None:
+        return table
+    if isinstance(padded_to, bool) or not isinstance(padded_to, (int, np.integer)) or padded_to < loop_steps:
+        raise ValueError(f"padded_to: expected an int of at least the {loop_steps} loop steps, got {padded_to!r}")
+    extra = int(padded_to) - loop_steps
+    return np.concatenate([table, np.repeat(table[-1:], extra, axis=0)]) if extra else table
+
+
 def check_start(start: Any, length: int) -> int:
     """``start`` as the first loop step of a schedule of ``length`` loop steps (0 for a full run)."""
     if isinstance(start, bool) or not isinstance(start, (int, np.integer)) or not 0 <= start < length:

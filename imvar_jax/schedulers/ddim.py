@@ -17,7 +17,7 @@ import numpy as np
 from flax import struct
 
 from .common import (SchedulerConfig, alphas_cumprod, check_num_inference_steps, check_sample_shape, check_start,
-                     check_timestep_range, descending_timesteps, exportable, final_alpha_cumprod)
+                     check_timestep_range, descending_timesteps, exportable, final_alpha_cumprod, padded)
 
 
 @exportable
@@ -27,6 +27,7 @@ class DDIMState:
     init_noise_sigma: jax.Array  # float32 scalar
     alpha_t: jax.Array  # float32 [n]: alpha_bar at timesteps[i]
     alpha_prev: jax.Array  # float32 [n]: alpha_bar one inference step later
+    length: jax.Array  # int32 scalar: the loop's real number of steps; the tables may be padded past it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,9 +40,11 @@ class DDIMScheduler:
     def from_config(cls, raw: Mapping[str, Any]) -> Self:
         return cls(SchedulerConfig.from_dict(raw, cls.kind))
 
-    def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...], start: int = 0) -> DDIMState:
+    def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...], start: int = 0,
+                      padded_to: int | None = None) -> DDIMState:
         """DDIM keeps no history, so ``sample_shape`` only fixes the interface and a run may begin at any
-        loop step ``start`` (img2img) with the same tables."""
+        loop step ``start`` (img2img) with the same tables.
+        ``padded_to`` pads the tables to that many loop steps (``common.padded``)."""
         cfg = self.config
         n = check_num_inference_steps(num_inference_steps, cfg)
         check_sample_shape(sample_shape)
@@ -54,10 +57,11 @@ class DDIMScheduler:
         table = alphas_cumprod(cfg)
         alpha_prev = np.where(prev >= 0, table[np.maximum(prev, 0)], final_alpha_cumprod(cfg))
         return DDIMState(
-            timesteps=jnp.asarray(timesteps, jnp.int32),
+            timesteps=jnp.asarray(padded(timesteps, n, padded_to), jnp.int32),
             init_noise_sigma=jnp.float32(1.0),
-            alpha_t=jnp.asarray(table[timesteps], jnp.float32),
-            alpha_prev=jnp.asarray(alpha_prev, jnp.float32),
+            alpha_t=jnp.asarray(padded(table[timesteps], n, padded_to), jnp.float32),
+            alpha_prev=jnp.asarray(padded(alpha_prev, n, padded_to), jnp.float32),
+            length=jnp.int32(n),
         )
 
     def add_noise(self, state: DDIMState, original: jax.Array, noise: jax.Array, step_index: jax.Array) -> jax.Array:

@@ -23,7 +23,8 @@ import numpy as np
 from flax import struct
 
 from .common import (SchedulerConfig, check_num_inference_steps, check_sample_shape, check_start,
-                     check_timestep_range, descending_timesteps, exportable, karras_sigmas, train_sigmas)
+                     check_timestep_range, descending_timesteps, exportable, karras_sigmas, padded,
+                     train_sigmas)
 
 
 @exportable
@@ -34,6 +35,7 @@ class DPMState:
     sigmas: jax.Array  # float32 [n + 1], ending at 0
     first_order: jax.Array  # bool [n]: the run's first step and the last take the first-order update
     previous: jax.Array  # float32 [*sample]: the previous step's data prediction x0
+    length: jax.Array  # int32 scalar: the loop's real number of steps; the tables may be padded past it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,9 +48,11 @@ class DPMSolverMultistepScheduler:
     def from_config(cls, raw: Mapping[str, Any]) -> Self:
         return cls(SchedulerConfig.from_dict(raw, cls.kind))
 
-    def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...], start: int = 0) -> DPMState:
+    def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...], start: int = 0,
+                      padded_to: int | None = None) -> DPMState:
         """``start`` > 0 begins the run at that loop step (img2img), which is then first order, as a run's
-        first step has no previous prediction."""
+        first step has no previous prediction. ``padded_to`` pads the tables to that many loop steps
+        (``common.padded``)."""
         cfg = self.config
         n = check_num_inference_steps(num_inference_steps, cfg)
         shape = check_sample_shape(sample_shape)
@@ -70,9 +74,11 @@ class DPMSolverMultistepScheduler:
         sigmas = np.concatenate([sigmas, [0.0]]).astype(np.float32)  # [len(timesteps) + 1]
         steps = np.arange(len(timesteps))
         first_order = (steps == check_start(start, len(timesteps))) | (steps == len(timesteps) - 1)
-        return DPMState(timesteps=jnp.asarray(timesteps, jnp.int32), init_noise_sigma=jnp.float32(1.0),
-                        sigmas=jnp.asarray(sigmas), first_order=jnp.asarray(first_order),
-                        previous=jnp.zeros(shape, jnp.float32))
+        loop = len(timesteps)
+        return DPMState(timesteps=jnp.asarray(padded(timesteps, loop, padded_to), jnp.int32),
+                        init_noise_sigma=jnp.float32(1.0), sigmas=jnp.asarray(padded(sigmas, loop, padded_to)),
+                        first_order=jnp.asarray(padded(first_order, loop, padded_to)),
+                        previous=jnp.zeros(shape, jnp.float32), length=jnp.int32(loop))
 
     def add_noise(self, state: DPMState, original: jax.Array, noise: jax.Array, step_index: jax.Array) -> jax.Array:
         """x = alpha x0 + sigma eps (variance preserving) at the noise level of loop step ``step_index``."""

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import struct
 
 from .common import (SchedulerConfig, check_num_inference_steps, check_sample_shape, check_start, exportable,
-                     sigma_schedule)
+                     padded, sigma_schedule)
 
 
 def ode_derivative(prediction_type: str, model_output: jax.Array, sigma: jax.Array, x: jax.Array) -> jax.Array:
@@ -39,6 +39,7 @@ class EulerState:
     timesteps: jax.Array  # float32 [n]: fractional under "linspace" spacing, the UNet takes them as is
     init_noise_sigma: jax.Array  # float32 scalar
     sigmas: jax.Array  # float32 [n + 1], ending at 0
+    length: jax.Array  # int32 scalar: the loop's real number of steps; the tables may be padded past it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,15 +52,18 @@ class EulerDiscreteScheduler:
     def from_config(cls, raw: Mapping[str, Any]) -> Self:
         return cls(SchedulerConfig.from_dict(raw, cls.kind))
 
-    def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...], start: int = 0) -> EulerState:
+    def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...], start: int = 0,
+                      padded_to: int | None = None) -> EulerState:
         """The Euler samplers keep no history, so ``sample_shape`` only fixes the interface and a run may begin
-        at any loop step ``start`` (img2img) with the same tables."""
+        at any loop step ``start`` (img2img) with the same tables.
+        ``padded_to`` pads the tables to that many loop steps (``common.padded``)."""
         n = check_num_inference_steps(num_inference_steps, self.config)
         check_sample_shape(sample_shape)
         check_start(start, n)
         timesteps, sigmas, init_noise_sigma = sigma_schedule(self.config, n)
-        return EulerState(timesteps=jnp.asarray(timesteps, jnp.float32), init_noise_sigma=jnp.float32(init_noise_sigma),
-                          sigmas=jnp.asarray(sigmas))
+        return EulerState(timesteps=jnp.asarray(padded(timesteps, n, padded_to), jnp.float32),
+                          init_noise_sigma=jnp.float32(init_noise_sigma),
+                          sigmas=jnp.asarray(padded(sigmas, n, padded_to)), length=jnp.int32(n))
 
     def add_noise(self, state: EulerState, original: jax.Array, noise: jax.Array, step_index: jax.Array) -> jax.Array:
         """x = x0 + sigma * eps at the noise level of loop step ``step_index``."""

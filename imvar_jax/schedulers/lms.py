@@ -19,7 +19,7 @@ from flax import struct
 from numpy.polynomial import Polynomial
 
 from .common import (SchedulerConfig, check_num_inference_steps, check_sample_shape, check_start, exportable,
-                     sigma_schedule)
+                     padded, sigma_schedule)
 from .euler import ode_derivative
 
 ORDER = 4
@@ -33,6 +33,7 @@ class LMSState:
     sigmas: jax.Array  # float32 [n + 1], ending at 0
     coeffs: jax.Array  # float32 [n, ORDER]: weights of the newest..oldest derivative at step i
     derivatives: jax.Array  # float32 [ORDER, *sample]: dx/dsigma history, newest first
+    length: jax.Array  # int32 scalar: the loop's real number of steps; the tables may be padded past it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -45,21 +46,24 @@ class LMSDiscreteScheduler:
     def from_config(cls, raw: Mapping[str, Any]) -> Self:
         return cls(SchedulerConfig.from_dict(raw, cls.kind))
 
-    def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...], start: int = 0) -> LMSState:
+    def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...], start: int = 0,
+                      padded_to: int | None = None) -> LMSState:
         """``start`` > 0 begins the run at that loop step (img2img). The tables stay those of the whole run: as in
         diffusers, step ``start + j`` weighs its j + 1 derivatives with the full run's weights for that step
-        (the rest meet the zeros of the empty history)."""
+        (the rest meet the zeros of the empty history). ``padded_to`` pads the tables to that many loop
+        steps (``common.padded``)."""
         cfg = self.config
         n = check_num_inference_steps(num_inference_steps, cfg)
         shape = check_sample_shape(sample_shape)
         check_start(start, n)
         timesteps, sigmas, init_noise_sigma = sigma_schedule(cfg, n)
         return LMSState(
-            timesteps=jnp.asarray(timesteps, jnp.float32),
+            timesteps=jnp.asarray(padded(timesteps, n, padded_to), jnp.float32),
             init_noise_sigma=jnp.float32(init_noise_sigma),
-            sigmas=jnp.asarray(sigmas),
-            coeffs=jnp.asarray(lms_coefficients(sigmas), jnp.float32),
+            sigmas=jnp.asarray(padded(sigmas, n, padded_to)),
+            coeffs=jnp.asarray(padded(lms_coefficients(sigmas), n, padded_to), jnp.float32),
             derivatives=jnp.zeros((ORDER, *shape), jnp.float32),
+            length=jnp.int32(n),
         )
 
     def add_noise(self, state: LMSState, original: jax.Array, noise: jax.Array, step_index: jax.Array) -> jax.Array:

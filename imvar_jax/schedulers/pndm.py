@@ -25,7 +25,7 @@ import numpy as np
 from flax import struct
 
 from .common import (SchedulerConfig, alphas_cumprod, check_num_inference_steps, check_sample_shape, check_start,
-                     check_timestep_range, descending_timesteps, exportable, final_alpha_cumprod)
+                     check_timestep_range, descending_timesteps, exportable, final_alpha_cumprod, padded)
 
 # Combination rules, one per loop step (PNDMState.mode).
 _PLMS_FIRST, _PLMS_REDO, _AB2, _AB3, _AB4, _RK_STAGE1, _RK_STAGE23, _RK_STAGE4 = range(8)
@@ -43,6 +43,7 @@ class PNDMState:
     ets: jax.Array  # float32 [4, *sample]: noise estimates entering PLMS, newest first
     cur_sample: jax.Array  # float32 [*sample]: x_t that the redo / Runge-Kutta stages restart from
     rk_sum: jax.Array  # float32 [*sample]: (e1 + 2 e2 + 2 e3) / 6 of the Runge-Kutta step in progress
+    length: jax.Array  # int32 scalar: the loop's real number of steps; the tables may be padded past it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,9 +56,11 @@ class PNDMScheduler:
     def from_config(cls, raw: Mapping[str, Any]) -> Self:
         return cls(SchedulerConfig.from_dict(raw, cls.kind))
 
-    def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...], start: int = 0) -> PNDMState:
+    def set_timesteps(self, num_inference_steps: int, sample_shape: tuple[int, ...], start: int = 0,
+                      padded_to: int | None = None) -> PNDMState:
         """The tables for a run over loop steps ``start`` .. L-1 (``start`` > 0: img2img). As in diffusers,
-        such a run counts its PLMS warm-up from its own first step."""
+        such a run counts its PLMS warm-up from its own first step. ``padded_to`` pads the tables to that
+        many loop steps (``common.padded``)."""
         cfg = self.config
         n = check_num_inference_steps(num_inference_steps, cfg)
         shape = check_sample_shape(sample_shape)
@@ -81,15 +84,17 @@ class PNDMScheduler:
         final = final_alpha_cumprod(cfg)
         alpha_prev = np.array([table[t] if t >= 0 else final for t in t_to], np.float32)
         zeros = jnp.zeros(shape, jnp.float32)
+        loop = len(calls)
         return PNDMState(
-            timesteps=jnp.asarray(calls, jnp.int32),
+            timesteps=jnp.asarray(padded(calls, loop, padded_to), jnp.int32),
             init_noise_sigma=jnp.float32(1.0),
-            alpha_t=jnp.asarray(table[np.asarray(t_from)], jnp.float32),
-            alpha_prev=jnp.asarray(alpha_prev),
-            mode=jnp.asarray(mode, jnp.int32),
+            alpha_t=jnp.asarray(padded(table[np.asarray(t_from)], loop, padded_to), jnp.float32),
+            alpha_prev=jnp.asarray(padded(alpha_prev, loop, padded_to)),
+            mode=jnp.asarray(padded(mode, loop, padded_to), jnp.int32),
             ets=jnp.zeros((_ORDER, *shape), jnp.float32),
             cur_sample=zeros,
             rk_sum=zeros,
+            length=jnp.int32(loop),
         )
 
     def add_noise(self, state: PNDMState, original: jax.Array, noise: jax.Array, step_index: jax.Array) -> jax.Array:
