@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import io
 import json
+import shutil
 from pathlib import Path
 
 import jax
@@ -224,17 +225,23 @@ def test_mix_metadata(mix_run, files):
         assert (record["index"], record["variation"], record["input_sha256"]) == (j, j, text["input_sha256"])
 
 
-def test_mix_rerun_skips_and_other_weights_are_refused(mix_run, files):
-    out, _ = mix_run
+def test_mix_rerun_skips_other_weights_are_refused_until_start_over(mix_run, files, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(mix_run[0], out)  # the shared run stays as it was
+    (out / "mix" / "notes.txt").write_text("not imvar-jax's\n")
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     code, stdout, stderr = _main("generate", "--mix", f"{files / 'a.png'}:0.7", f"{files / 'b.png'}:0.3", "--grid",
                                  "--out", out, *COMMON)
     assert code == 0 and "already complete" in stderr and "done 0, skipped 2" in stdout
-    code, _, stderr = _main("generate", "--mix", f"{files / 'a.png'}:0.6", f"{files / 'b.png'}:0.3", "--out", out,
-                            *COMMON)
+    other = ["generate", "--mix", f"{files / 'a.png'}:0.6", f"{files / 'b.png'}:0.3", "--out", out, *COMMON]
+    code, _, stderr = _main(*other)
     (error,) = _errors(stderr)
     assert code == 1 and "other --mix sources" in error and "--start-over" in error
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    code, stdout, stderr = _main(*other, "--start-over")
+    assert code == 0 and "removed 3 earlier output(s)" in stderr and "done 2, skipped 0" in stdout
+    assert sorted(p.name for p in (out / "mix").iterdir()) == ["0.png", "1.png", "notes.txt"]
+    assert json.loads(_text(out / "mix" / "0.png")["sources"])[0]["weight"] == 0.6
 
 
 # ----------------------------------------------------------------------

@@ -52,7 +52,6 @@ from .outputs import OutFolder, OutputError
 from .runner import RunSummary, _report_stderr
 
 FPS = 8
-_NO_PICTURE = (128, 128, 128)  # an embedding source's tile: it has no picture
 
 
 @dataclass(frozen=True)
@@ -239,7 +238,7 @@ class _Creative:
                 self.summary.done += 1
             elif target.kind == "grid":
                 if self.mode == MIX:
-                    tiles = [Image.new("RGB", size, _NO_PICTURE) if src.picture is None
+                    tiles = [Image.new("RGB", size, outputs.NO_PICTURE) if src.picture is None
                              else src.picture.resize(size, Image.Resampling.BICUBIC) for src in self.sources]
                     tiles += pictures
                 else:

@@ -39,6 +39,7 @@ SOURCES_KEY = "sources"
 FRAMES_KEY = "frames"
 FRAME_KEY = "frame"
 ANIMATIONS = ("animation.gif", "animation.webp")
+NO_PICTURE = (128, 128, 128)  # an embedding's tile in a grid, where a picture's own would be
 _TMP_PREFIX = ".imvar-tmp-"
 _MAX_ROW = 8
 _VARIATION = re.compile(r"^(0|[1-9][0-9]*)\.png$")

@@ -50,8 +50,6 @@ from .inputs import (GRID, InputError, InputFile, Source, check_embedding_size, 
 from .outputs import manifest_part
 from .outputs import OutFolder, OutputError
 
-# What an embedding input's grid shows in the input's place: it has no picture.
-_NO_PICTURE = (128, 128, 128)
 # An img2img start for rows another process's devices run: never prepared here, it only fills the list.
 _ELSEWHERE = Image.new("RGB", (1, 1))
 
@@ -233,7 +231,7 @@ class _Runner:
                 if pixels:
                     work.embedding = embedding
                 if thumbnail:
-                    work.thumbnail = Image.new("RGB", resolved.size[::-1], _NO_PICTURE)
+                    work.thumbnail = Image.new("RGB", resolved.size[::-1], outputs.NO_PICTURE)
                 work.prepared = True
                 return None
             picture = decode_image(data)
