@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import io
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -20,6 +21,8 @@ import pytest
 from PIL import Image
 
 from imvar_jax import cli, tiny
+from imvar_jax.batch import InputError, collect_inputs
+from imvar_jax.batch.inputs import decode_embedding
 from imvar_jax.pipeline import ImageVariationPipeline
 from imvar_jax.preprocessing import to_pil
 
@@ -295,3 +298,38 @@ def test_bad_arguments_give_one_line(args, code, message, files, tmp_path):
     (error,) = _errors(stderr)
     assert got == code and message.format(**names) in error, stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_embedding_files_are_checked_before_their_data_is_read():
+    def npy(array: np.ndarray) -> bytes:
+        buffer = io.BytesIO()
+        np.save(buffer, array)
+        return buffer.getvalue()
+
+    np.testing.assert_array_equal(decode_embedding(npy(np.arange(4, dtype=np.float16)[None])),
+                                  np.arange(4, dtype=np.float32)[None])
+    # A header that claims 2**40 values, over a file of a few bytes: refused from the header alone.
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (1 << 40,)})
+    for data, reason in ((header.getvalue() + b"\0" * 16, "expected an embedding of shape [D] or [1, D]"),
+                         (npy(np.arange(4)), "expected a float array"),
+                         (npy(np.array([{"a": 1}], dtype=object)), "expected a float array"),
+                         (npy(np.array([1.0, np.nan])), "NaN or infinity"),
+                         (npy(np.array([1e300])), "NaN or infinity"),  # inf once float32
+                         (npy(np.ones(4, np.float32))[:-4], "truncated or corrupt"),
+                         (b"\x93NUMPY", "not a numpy .npy file")):
+        with pytest.raises(InputError, match=re.escape(reason)):
+            decode_embedding(data)
+
+
+def test_npy_inputs_only_when_named_and_creative_folder_names_are_reserved(tmp_path):
+    for rel in ("mix.png", "Interpolation.jpg", "x.npy", "sub/y.npy", "sub/z.png"):
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        (tmp_path / rel).write_bytes(b"x")
+    items, misses = collect_inputs([tmp_path, tmp_path / "x.npy"])
+    names = {item.path.name: item.name for item in items}
+    assert sorted(names) == ["Interpolation.jpg", "mix.png", "x.npy", "z.png"] and misses == []
+    assert (names["x.npy"], names["z.png"]) == ("x", "z")
+    for file, stem in (("mix.png", "mix"), ("Interpolation.jpg", "Interpolation")):
+        digest = hashlib.sha256(str(tmp_path / file).encode()).hexdigest()[:8]
+        assert names[file] == f"{stem}-{digest}"
