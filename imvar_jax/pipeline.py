@@ -267,7 +267,9 @@ class ImageVariationPipeline:
         if encoder is None:
             raise ValueError("params: expected the pipeline's params, with 'image_encoder'")
         if replicated_devices(params) is not None:
-            encoder = jax.tree.map(lambda a: a[0], encoder)
+            # One local device's copy: in a multi-process job the stacked array's other rows are not addressable.
+            encoder = jax.tree.map(lambda a: min(a.addressable_shards, key=lambda s: s.index[0].start or 0).data[0],
+                                   encoder)
         models = Models(self.unet, self.vae, self.image_encoder)
         program = self._compiled("image_embeddings", lambda: jax.jit(
             lambda p, x: encode_sources(models, {"image_encoder": p}, x)))

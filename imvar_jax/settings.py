@@ -214,8 +214,9 @@ FIELDS: tuple[Field, ...] = (
           to_text=repr, from_text=_float_from_text),
     Field("seed", _seed, f"0..{SEED_LIMIT - 1}; picture n of the run (input i, variation j: n = i*K + j) "
           "uses fold_in(seed, n)", to_text=str, from_text=_int_from_text),
-    Field("strength", _strength, "below 1: start from each input picture's own latents noised to this level and run "
-          "the last strength x steps, keeping its layout (img2img); 1 starts from pure noise",
+    Field("strength", _strength, "below 1: start from each input picture's own latents (with --mix/--interpolate, "
+          "the first source's) noised to this level and run the last strength x steps, keeping its layout "
+          "(img2img); 1 starts from pure noise",
           to_text=repr, from_text=_float_from_text),
     Field("mix_method", _choice(MIX_METHODS), "how pictures' embeddings are mixed or interpolated: slerp (on the "
           "sphere, norm interpolated) or linear (a weighted sum, which shrinks the norm between distant pictures)",

@@ -232,10 +232,10 @@ def test_batches_keep_one_shape_and_pictures_ignore_device_count(first_run, inpu
     shapes, calls = [], []
     real_run, real_generate = ImageVariationPipeline._run, ImageVariationPipeline.generate
 
-    def spy_run(self, placement, params, stacked, k, pixel_values, rows, *args, **kwargs):
-        # The program's batch: the rows of pixel_values it runs, one per picture slot.
-        shapes.append((len(placement), k, (len(rows), *pixel_values.shape[1:])))
-        return real_run(self, placement, params, stacked, k, pixel_values, rows, *args, **kwargs)
+    def spy_run(self, placement, params, stacked, k, cond, rows, *args, **kwargs):
+        # The program's batch: the rows of sources it runs (one per picture slot, one source each).
+        shapes.append((len(placement), k, cond.sources.shape))
+        return real_run(self, placement, params, stacked, k, cond, rows, *args, **kwargs)
 
     def spy_generate(self, images, *args, **kwargs):
         calls.append((len(images), kwargs["slots"], list(kwargs["first_index"]), len(kwargs["devices"])))
@@ -258,7 +258,7 @@ def test_batches_keep_one_shape_and_pictures_ignore_device_count(first_run, inpu
     summary = run_generate([inputs], tmp_path / "out", settings, report=lines.append, progress=False,
                            devices=jax.local_devices()[:3])
     # 8 good inputs over 3 devices: two full calls, then 2 inputs; every call pads to 3 * K pictures.
-    assert shapes == [(3, 1, (3 * K, 3, 32, 32))] * 3
+    assert shapes == [(3, 1, (3 * K, 1, 3, 32, 32))] * 3
     assert [(n, slots, devices) for n, slots, _, devices in calls] == [(3, 3 * K, 3)] * 2 + [(2, 3 * K, 3)]
     starts = [s for _, _, first, _ in calls for s in first]
     assert starts == sorted(starts) and len(starts) == len(GOOD) and all(s % K == 0 for s in starts)
@@ -379,7 +379,7 @@ def _changed(name: str, value):
     if isinstance(value, int):
         return value + 1
     if isinstance(value, float):
-        return value + 0.5
+        return value / 2 if value else 0.5  # in range for strength (0, 1] and eta [0, 1]
     if isinstance(value, tuple):
         return (value[0] * 2, value[1])
     return f"{value or 'x'}-changed"
