@@ -73,6 +73,7 @@ def _generate(args: argparse.Namespace) -> int:
         return 1
     if not args.no_compile_cache:
         hub.enable_compile_cache()
+        hub.enable_executable_cache()
     try:
         settings = GenerationSettings.from_args(args)
 
@@ -148,7 +149,7 @@ def _info(args: argparse.Namespace) -> int:
           f"{' '.join(CPU_FLAGS)}: faster on CPU, but pictures then depend on the device count; "
           f"see imvar_jax.xla_flags)")
     print(f"imvar-jax cache: {hub.cache_dir()} (IMVAR_JAX_CACHE)")
-    print(f"compile cache: {hub.compile_cache_dir()}")
+    print(f"compile cache: {hub.compile_cache_dir()}, compiled programs: {hub.executable_cache_dir()}")
     print(f"Hugging Face hub cache: {constants.HF_HUB_CACHE}")
     print(f"model {args.model}: {_model_status(args.model, args.revision, dtype)}")
     return 0
@@ -290,6 +291,7 @@ def _train(args: argparse.Namespace) -> int:
         from . import hub
 
         hub.enable_compile_cache()
+        hub.enable_executable_cache()
     from tqdm import tqdm
 
     bar = None
@@ -395,6 +397,7 @@ def _serve(args: argparse.Namespace) -> int:
         from . import hub
 
         hub.enable_compile_cache()
+        hub.enable_executable_cache()
     if settings.api_key is None and settings.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"imvar-jax serve: warning: listening on {settings.host} without an API key: anyone who reaches "
               f"it can use the devices (--api-key or $IMVAR_JAX_API_KEY)", file=sys.stderr)

@@ -192,6 +192,19 @@ def is_cached(model: str | os.PathLike, revision: str | None = None, dtype: Any 
     return is_hub_id(model) and is_converted(converted_dir(str(model), revision, dtype))
 
 
+def executable_cache_dir() -> Path:
+    """Where ``enable_executable_cache`` keeps compiled sampling programs."""
+    return cache_dir() / "executables"
+
+
+def enable_executable_cache() -> Path:
+    """Turn on imvar-jax's cache of compiled sampling programs (``imvar_jax.executables``) in
+    ``executable_cache_dir()``, so a later process skips tracing and lowering too; return the folder."""
+    from . import executables
+
+    return executables.enable(executable_cache_dir()).folder
+
+
 def enable_compile_cache(path: str | os.PathLike | None = None) -> Path:
     """Turn on JAX's persistent compilation cache in ``path`` (default ``compile_cache_dir()``); return it.
 

@@ -32,11 +32,16 @@ def tiny_configs() -> dict[str, Any]:
     """The four component configs, from the models' ``tiny()`` presets made to fit together.
 
     The presets are sized independently: the image encoder's projection must be the UNet's
-    cross-attention width, and the VAE's latent channels the UNet's in/out channels.
+    cross-attention width, and the VAE's latent channels the UNet's in/out channels. The default
+    picture is 64x64 (the UNet's sample size 8 times the VAE's factor 8).
     """
     unet = UNetConfig.tiny()
     vision = dataclasses.replace(CLIPVisionConfig.tiny(), projection_dim=unet.context_dim)
-    vae = dataclasses.replace(VAEConfig.tiny(), latent_channels=unet.in_channels)
+    # Four levels, so the VAE downsamples by 8 as SD's does: --size 512x512 means 64x64 latents, not the
+    # 256x256 (attention over 65k tokens) that the two-level preset would give.
+    vae = dataclasses.replace(VAEConfig.tiny(), latent_channels=unet.in_channels,
+                              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                              block_out_channels=(32, 32, 64, 64))
     return {
         "unet": unet,
         "vae": vae,

@@ -8,6 +8,7 @@ import hashlib
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -29,7 +30,8 @@ FIELDS_BY_NAME = {f.name: f for f in FIELDS}
 
 K = 2
 STEPS = 2
-COMMON = ["--model", "tiny", "--steps", str(STEPS), "--num-per-image", str(K), "--no-compile-cache"]
+# 16x16: the tiny model's default is 64x64, larger than this file's decompression-bomb limit.
+COMMON = ["--model", "tiny", "--steps", str(STEPS), "--num-per-image", str(K), "--size", "16x16", "--no-compile-cache"]
 # Pillow refuses more than twice this many pixels; bomb.png has 4096, every other input at most 480.
 MAX_PIXELS = 1500
 GOOD = ["rgb.jpg", "rgba.png", "gray.png", "cmyk.jpg", "deep.png", "rotated.jpg", "palette.gif", "sub/rgb.png"]
@@ -150,6 +152,22 @@ def test_good_inputs_written_bad_ones_reported(first_run, inputs):
     assert len({p.tobytes() for p in pictures}) == len(pictures)
 
 
+def test_without_a_terminal_progress_comes_as_lines_and_the_compile_is_announced(first_run):
+    *_, stderr = first_run
+    lines = stderr.splitlines()
+    compiling = [i for i, line in enumerate(lines) if line.startswith("imvar-jax generate: compiling for 16x16 on 8 "
+                                                                      "devices (")]
+    assert len(compiling) == 1, stderr
+    assert re.fullmatch(r"imvar-jax generate: compiled in \d+\.\d s", lines[compiling[0] + 1]), stderr
+    progress = [re.fullmatch(r"imvar-jax generate: (\d+)/(\d+) pictures \((\d+)%\) after \d+ s", line)
+                for line in lines]
+    done = [(int(m[1]), int(m[2])) for m in progress if m]
+    # One line per program call, counting up to every picture; the total is what is planned then (an input
+    # found bad later, in its batch, still counts in it).
+    assert done and done == sorted(done) and done[-1][0] == len(GOOD) * K, stderr
+    assert all(made <= total <= len(GOOD + list(BAD)) * K for made, total in done), stderr
+
+
 def test_png_text_and_manifest(first_run, inputs, numbering):
     out, *_ = first_run
     lines = (out / "manifest.jsonl").read_text().splitlines()
@@ -253,7 +271,7 @@ def test_batches_keep_one_shape_and_pictures_ignore_device_count(first_run, inpu
     monkeypatch.setattr(ImageVariationPipeline, "_run", spy_run)
     monkeypatch.setattr(ImageVariationPipeline, "generate", spy_generate)
     monkeypatch.setattr(runner, "to_rgb", spy_to_rgb)
-    settings = GenerationSettings(model="tiny", steps=STEPS, num_images_per_prompt=K, grid=True)
+    settings = GenerationSettings(model="tiny", steps=STEPS, num_images_per_prompt=K, grid=True, size=(16, 16))
     lines = []
     summary = run_generate([inputs], tmp_path / "out", settings, report=lines.append, progress=False,
                            devices=jax.local_devices()[:3])
@@ -311,7 +329,7 @@ def test_each_input_is_read_and_decoded_once(first_run, inputs, tmp_path, monkey
     for rel in GOOD:
         folder = out / _folder_name(inputs, rel)
         (folder / ("grid.png" if folder.name == grid_only else "0.png")).unlink()
-    settings = GenerationSettings(model="tiny", steps=STEPS, num_images_per_prompt=K, grid=True)
+    settings = GenerationSettings(model="tiny", steps=STEPS, num_images_per_prompt=K, grid=True, size=(16, 16))
     summary = run_generate([inputs], out, settings, report=lambda line: None, progress=False)
     assert (summary.done, summary.skipped) == (len(GOOD) - 1, len(GOOD) * K - len(GOOD) + 1)
     assert sorted(opened) == image_files
@@ -404,7 +422,7 @@ def fake_model(monkeypatch):
 @pytest.mark.parametrize("name", [f.name for f in FIELDS if f.recorded])
 def test_a_changed_recorded_setting_is_refused_until_start_over(name, fake_model, inputs, tmp_path):
     base = GenerationSettings(model="owner/some-model", steps=STEPS, num_images_per_prompt=K, dtype="float32",
-                              vae_dtype="float32")
+                              vae_dtype="float32", size=(16, 16))
     files = [inputs / "rgb.jpg", inputs / "gray.png"]
     out = tmp_path / "out"
     summary = run_generate(files, out, base, progress=False)
@@ -449,7 +467,7 @@ def test_collect_inputs(tmp_path, monkeypatch):
 
 
 def test_bad_size_for_the_model_is_a_usage_error(inputs, tmp_path, capsys):
-    code = cli.main(["generate", str(inputs / "rgb.jpg"), "--out", str(tmp_path / "out"), "--size", "15x16", *COMMON])
+    code = cli.main(["generate", str(inputs / "rgb.jpg"), "--out", str(tmp_path / "out"), *COMMON, "--size", "15x16"])
     err = capsys.readouterr().err
     assert code == 2
     assert err.startswith("usage: imvar-jax generate") and "size" in err.splitlines()[-1]

@@ -33,7 +33,7 @@ from imvar_jax.memory import InsufficientMemoryError
 from imvar_jax.pipeline import ImageVariationOutput, ImageVariationPipeline
 
 K = 2
-COMMON = ["--model", "tiny", "--steps", "2", "--num-per-image", str(K), "--no-compile-cache"]
+COMMON = ["--model", "tiny", "--steps", "2", "--num-per-image", str(K), "--size", "16x16", "--no-compile-cache"]
 
 
 def _picture(path: Path, seed: int = 0, size: tuple[int, int] = (20, 24)) -> Path:

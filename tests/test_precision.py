@@ -14,7 +14,7 @@ import imvar_jax.pipeline as pipeline_module
 from imvar_jax.parallel import replicated_devices
 from imvar_jax.precision import default_dtype, resolve_dtypes
 from imvar_jax.preprocessing import prepare_inputs
-from imvar_jax.sampling import Models, SampleOptions, sample
+from imvar_jax.sampling import Conditioning, Models, SampleOptions, sample
 from imvar_jax import ImageVariationPipeline
 
 STEPS = 8
@@ -63,9 +63,10 @@ def test_half_precision_loop_state_stays_float32():
                          with_callback=False, scheduler=pipe.scheduler)
     state = pipe.scheduler.set_timesteps(STEPS, (2, 8, 8, 4))
     keys = jax.random.split(jax.random.key(0), 2)
-    pixel_values = np.zeros((2, 3, 32, 32), np.float32)
+    one = np.ones((2, 1), np.float32)
+    cond = Conditioning(np.zeros((2, 1, 3, 32, 32), np.float32), one, 0 * one)  # each input its own picture
     models = Models(pipe.unet, pipe.vae, pipe.image_encoder)
-    jaxpr = jax.make_jaxpr(lambda p: sample(models, opts, p, pixel_values, keys, None, jnp.float32(3.0),
+    jaxpr = jax.make_jaxpr(lambda p: sample(models, opts, p, cond, keys, None, jnp.float32(3.0),
                                             jnp.float32(0.0), state, jnp.int32(1), jnp.int32(0)))(params)
     loop = _denoising_loop(jaxpr.jaxpr)
     body, n_consts, n_carry = loop.params["jaxpr"], loop.params["num_consts"], loop.params["num_carry"]
@@ -101,9 +102,10 @@ def test_half_precision_pictures_stay_close_to_float32():
 
 
 def _denoising_loop(jaxpr):
-    """The outermost loop of a traced sampler (a fori_loop with a static trip count traces as a scan)."""
+    """The denoising loop of a traced sampler: the outermost loop that carries a scheduler state (a fori_loop
+    with a static trip count traces as a scan; the image encoder's and decoder's maps carry only a counter)."""
     for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "scan":
+        if eqn.primitive.name == "scan" and eqn.params["num_carry"] > 1:
             return eqn
         for value in eqn.params.values():
             inner = getattr(value, "jaxpr", None)

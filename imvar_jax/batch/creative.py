@@ -256,6 +256,7 @@ class _Creative:
         pipe, params = ImageVariationPipeline.from_pretrained(
             s.model, revision=s.revision, scheduler=s.scheduler, dtype=s.dtype, vae_dtype=s.vae_dtype,
             attention=s.attention, safety_checker=s.safety_checker, devices=self.devices)
+        pipe.on_compile = self.note
         resolved = pipe.resolve(s, hub.recorded_revision(s.model, s.revision))
         dim = pipe.image_encoder.config.projection_dim
         self.sources = [src.checked(dim, self.option) for src in self.sources]

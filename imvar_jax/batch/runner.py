@@ -112,7 +112,7 @@ class _Batch:
 
 class _Runner:
     def __init__(self, out: Path, settings: GenerationSettings, report: Callable[[str], None],
-                 note: Callable[[str], None], progress: bool, devices: Sequence[jax.Device] | None,
+                 note: Callable[[str], None], progress: bool | None, devices: Sequence[jax.Device] | None,
                  negative: Source | None = None):
         self.out = out
         self.negative = negative
@@ -123,7 +123,11 @@ class _Runner:
         self.report = report
         self.note = note
         self.job = distributed.current()
-        self.progress = progress and self.job.is_main
+        # None: a bar on a terminal, else a line per finished call (a log file still shows the run moving).
+        self.progress = bool(progress) and self.job.is_main
+        self.progress_lines = progress is None and self.job.is_main
+        self.started = time.monotonic()
+        self.pictures_done = 0  # this run's, for the progress lines (a disabled bar counts nothing)
         self.placement = Placement.of(devices)
         self.devices = list(self.placement.devices)
         self.summary = RunSummary()
@@ -388,7 +392,13 @@ class _Runner:
                                 f"need {e.needed / GIB:.1f} GiB per device, {e.available / GIB:.1f} GiB free; at "
                                 f"most {e.fits} picture(s) per device fit: lower --batch-size or --num-per-image"
                                 ) from None
-        self.bar.update(sum(len(w.missing) for w in works))
+        made = sum(len(w.missing) for w in works)
+        self.bar.update(made)
+        self.pictures_done += made
+        if self.progress_lines:
+            done, total = self.pictures_done, self.bar.total
+            self.note(f"{done}/{total} pictures ({100 * done // max(total, 1)}%) after "
+                      f"{time.monotonic() - self.started:.0f} s")
         # By position r*k + j among this call's pictures: this process's own (all of them in a single process).
         positions = range(len(result.images)) if result.pictures is None else result.pictures
         rows = {p: i for i, p in enumerate(positions)}
@@ -513,6 +523,8 @@ class _Runner:
         pipe, params = ImageVariationPipeline.from_pretrained(
             s.model, revision=s.revision, scheduler=s.scheduler, dtype=s.dtype, vae_dtype=s.vae_dtype,
             attention=s.attention, safety_checker=s.safety_checker, devices=self.devices)
+        if self.job.is_main:
+            pipe.on_compile = self.note
         resolved = pipe.resolve(s, hub.recorded_revision(s.model, s.revision))
         if self.negative is not None:
             self.negative = self.negative.checked(pipe.image_encoder.config.projection_dim, "--negative")
@@ -605,7 +617,8 @@ def run_generate(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, se
     uses; its sha256 is recorded in every output and compared like a setting. Inputs that cannot be used
     are reported through ``report`` (default: a line on stderr) as ``"<input>: <reason>"``, listed in
     the summary's ``failures`` and skipped; ``note`` (default stderr) gets what the run cleaned up.
-    ``progress``: show a progress bar (default: when stderr is a terminal). ``devices``: where to
+    ``progress``: show a progress bar; None (the default): a bar when stderr is a terminal, else one
+    ``note`` line per finished program call. ``devices``: where to
     run (default every local device); each program call takes ``len(devices) * settings.batch_size``
     inputs, padded to the same picture count every time, so the run compiles once.
 
@@ -623,7 +636,7 @@ def run_generate(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, se
         raise OutputError(f"out: {printable(str(out_dir))} exists and is not a folder")
     source = None if negative is None else read_source(negative, "--negative", exclude=out_dir)
     runner = _Runner(out_dir, settings, report or _report_stderr, note or _report_stderr,
-                     sys.stderr.isatty() if progress is None else progress, devices, source)
+                     True if progress is None and sys.stderr.isatty() else progress, devices, source)
     job = runner.job
     items, misses = collect_inputs(inputs, exclude=out_dir)
     if job.is_multiprocess:
