@@ -218,8 +218,8 @@ def test_one_seed_per_input_gives_each_input_its_own_call_s_pictures(tiny, pictu
     ("guidance_scale", 1e39, "guidance_scale: expected a finite number"),  # inf once in float32
     ("num_inference_steps", MAX_STEPS + 1, f"num_inference_steps: expected at most {MAX_STEPS}"),
     ("num_images_per_prompt", 10**8, f"num_images_per_prompt: expected at most {MAX_PICTURES_PER_DEVICE}"),
-    ("height", MAX_SIDE + 2, f"height: expected at most {MAX_SIDE} pixels"),
-    ("width", 15, "width: 15 is not a positive multiple of 2"),
+    ("height", MAX_SIDE + 8, f"height: expected at most {MAX_SIDE} pixels"),
+    ("width", 15, "width: 15 is not a positive multiple of 8"),
     ("callback_steps", 0, "callback_steps: expected a positive integer"),
     ("callback", "print", "callback: expected a callable"),
     ("output_type", "jpeg", "output_type: expected 'np' or 'pil'"),
@@ -363,7 +363,7 @@ def test_the_sharded_call_reports_global_picture_indices(tiny):
     assert list(caught.value.pictures) == [105]
     assert caught.value.pictures[105].startswith("step 0 (timestep ")
     images = caught.value.output.images
-    assert images.shape == (8, 16, 16, 3) and not images[5].any() and images[4].any()
+    assert images.shape == (8, 64, 64, 3) and not images[5].any() and images[4].any()  # the tiny model's default
 
 
 # ----------------------------------------------------------------------
@@ -382,7 +382,7 @@ def test_a_call_that_does_not_fit_is_refused_with_what_fits(tiny, pictures, clea
     with pytest.raises(InsufficientMemoryError) as one:
         pipe.generate(pictures, params, **run)  # one picture per device
     assert isinstance(one.value, SettingsError)
-    assert re.match(r"^size: 16x16 needs \S+ MiB per device even for one picture per device, but 1000 bytes are "
+    assert re.match(r"^size: 64x64 needs \S+ MiB per device even for one picture per device, but 1000 bytes are "
                     r"free on each CPU device \(host memory shared by 8 CPU devices\); choose a smaller size$",
                     str(one.value)), str(one.value)
     assert one.value.fits == 0 and one.value.available == 1000 and one.value.needed > 1000
@@ -394,7 +394,7 @@ def test_a_call_that_does_not_fit_is_refused_with_what_fits(tiny, pictures, clea
     with pytest.raises(InsufficientMemoryError) as between:
         pipe.generate(pictures, params, slots=16, **run)
     assert between.value.fits == 1
-    assert re.match(r"^slots: 2 pictures per device at 16x16 need .* per device, but .* is free on each CPU device "
+    assert re.match(r"^slots: 2 pictures per device at 64x64 need .* per device, but .* is free on each CPU device "
                     r".*; about 1 per device fit at this size", str(between.value)), str(between.value)
 
     _free_per_device(monkeypatch, two.value.needed)

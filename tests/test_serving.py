@@ -428,7 +428,7 @@ def test_a_server_that_cannot_start_says_why_in_one_line(tmp_path):
             "--no-compile-cache"]
     for extra, code, message in ((["--port", "70000"], 2, "port: expected 0..65535"),
                                  (["--size", "big"], 2, "expected WIDTHxHEIGHT"),
-                                 (["--size", "15x16"], 1, "sizes: width: 15 is not a positive multiple of 2")):
+                                 (["--size", "15x16"], 1, "sizes: width: 15 is not a positive multiple of 8")):
         done = subprocess.run(base + extra, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
         assert done.returncode == code, done.stderr
         errors = [line for line in done.stderr.splitlines() if "error" in line]
@@ -446,7 +446,7 @@ def test_a_batch_that_does_not_fit_names_batch_per_device(monkeypatch):
     generation = GenerationSettings(model="tiny", steps=STEPS, dtype="float32")
 
     def service(batch_per_device: int) -> Service:
-        started = Service(ServeSettings(generation=generation, sizes=((16, 16),), batch_per_device=batch_per_device),
+        started = Service(ServeSettings(generation=generation, sizes=((64, 64),), batch_per_device=batch_per_device),
                           devices=devices)
         started.load()
         return started
@@ -454,7 +454,7 @@ def test_a_batch_that_does_not_fit_names_batch_per_device(monkeypatch):
     # One CPU device: the host's free memory is all its own.
     monkeypatch.setattr(memory, "host_available_bytes", lambda: 1000)
     small = service(3)
-    assert small.state == "failed" and small.error.startswith("size: 16x16 needs "), small.error
+    assert small.state == "failed" and small.error.startswith("size: 64x64 needs "), small.error
     # What 1 and 3 pictures per device need, from the pipeline's own refusals of the server's call.
     pipe, params = ImageVariationPipeline.from_pretrained("tiny", dtype="float32", devices=devices)
     side = pipe.image_encoder.config.image_size
@@ -462,12 +462,12 @@ def test_a_batch_that_does_not_fit_names_batch_per_device(monkeypatch):
     for slots in (1, 3):
         with pytest.raises(InsufficientMemoryError) as refused:
             pipe.generate(np.zeros((1, 3, side, side), np.float32), params, seed=[0], num_inference_steps=STEPS,
-                          guidance_scale=3.0, height=16, width=16, slots=slots)
+                          guidance_scale=3.0, height=64, width=64, slots=slots)
         needs[slots] = refused.value.needed
     monkeypatch.setattr(memory, "host_available_bytes", lambda: (needs[1] + needs[3]) // 2)
     big = service(3)
     assert big.state == "failed"
-    assert re.match(r"^batch_per_device: 3 pictures per device at 16x16 need \S+ \S+ per device, \S+ \S+ free; "
+    assert re.match(r"^batch_per_device: 3 pictures per device at 64x64 need \S+ \S+ per device, \S+ \S+ free; "
                     r"about [12] per device fit: lower --batch-per-device$", big.error), big.error
     assert service(1).state == "ready"
 
