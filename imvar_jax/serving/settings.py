@@ -71,7 +71,7 @@ class ServeSettings:
     ``max_body_bytes`` and ``max_pixels`` bound an upload; ``body_timeout_s`` is how long a client
     may pause while sending it. ``url_ttl_s`` and ``store_pictures``: how long and how many
     ``response_format=url`` pictures are kept. ``max_steps``: the most steps a request may ask
-    for (each new step count or scheduler compiles once, on its first request).
+    for (every step count runs one program; each new scheduler compiles once, on its first request).
     """
 
     generation: GenerationSettings = field(default_factory=GenerationSettings)
