@@ -43,6 +43,12 @@ def enable(folder: str | os.PathLike) -> "ExecutableCache":
     return _ACTIVE
 
 
+def disable() -> None:
+    """Stop caching (and loading) compiled programs on disk."""
+    global _ACTIVE
+    _ACTIVE = None
+
+
 def active() -> "ExecutableCache | None":
     """The cache ``enable`` turned on, if any."""
     return _ACTIVE

@@ -33,6 +33,19 @@ def pytest_configure(config) -> None:
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", -1)
 
 
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _no_executable_cache_after_a_test():
+    """The command line turns the executable cache on process-wide; an in-process CLI test must not leave it
+    on for the next test, whose programs would then be loaded instead of compiled (and not counted)."""
+    yield
+    from imvar_jax import executables
+
+    executables.disable()
+
+
 # The files that take longest (about 700, 530, 280 and 100 s of a worker's time in a CI run on the
 # 2-core machine), started first: with `--dist loadfile --no-loadscope-reorder` each worker takes
 # the next whole file when it finishes one, so the short files fill in at the end instead of one
