@@ -156,24 +156,38 @@ def sample(models: Models, opts: SampleOptions, params: dict[str, Any], cond: Co
     else:
         x = noise * sched_state.init_noise_sigma
 
+    def step_noise(i: jax.Array) -> jax.Array:
+        # Step i's noise (DDIM's for eta, Euler ancestral's) is stream i + 1 of each picture's key; stream 0
+        # made its latents.
+        return jax.vmap(lambda key: latent_noise(key, channels, x.shape[1:3], i + 1))(keys)
+
+    # The named scopes label the loop's parts in profiles (benchmarks/bench_loop.py sorts ops by them).
     def body(i: jax.Array, carry):
         x, state, nonfinite_step = carry
         t = state.timesteps[i]
-        inp = scheduler.scale_model_input(state, x, i)
-        if opts.do_cfg:
-            inp = jnp.concatenate([inp, inp])
+        with jax.named_scope("guidance"):
+            inp = scheduler.scale_model_input(state, x, i)
+            if opts.do_cfg:
+                inp = jnp.concatenate([inp, inp])
         eps = unet.apply({"params": params["unet"]}, inp.astype(dtype), t, context.astype(dtype))
-        if opts.do_cfg:
-            eps_uncond, eps_cond = jnp.split(eps, 2)
-            eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
-        # Step i's noise (DDIM's for eta, Euler ancestral's) is stream i + 1 of each picture's key; stream 0
-        # made its latents.
-        noise = (jax.vmap(lambda key: latent_noise(key, channels, x.shape[1:3], i + 1))(keys)
-                 if scheduler.draws_noise else None)
-        x, state = scheduler.step(state, eps, i, x, eta=eta, variance_noise=noise)
-        # Once non-finite, a picture stays so: only the first step says where it went wrong.
-        finite = jnp.all(jnp.isfinite(x), axis=(1, 2, 3))
-        nonfinite_step = jnp.where((nonfinite_step < 0) & ~finite, i, nonfinite_step)
+        with jax.named_scope("guidance"):
+            if opts.do_cfg:
+                eps_uncond, eps_cond = jnp.split(eps, 2)
+                eps = eps_uncond + guidance_scale * (eps_cond - eps_uncond)
+        with jax.named_scope("step_noise"):
+            if not scheduler.draws_noise:
+                noise = None
+            elif getattr(scheduler, "noise_only_with_eta", False):
+                # eta is traced, so the choice is made at run time: with eta 0 no step draws anything.
+                noise = jax.lax.cond(eta != 0, step_noise, lambda i: jnp.zeros(x.shape, jnp.float32), i)
+            else:
+                noise = step_noise(i)
+        with jax.named_scope("scheduler"):
+            x, state = scheduler.step(state, eps, i, x, eta=eta, variance_noise=noise)
+        with jax.named_scope("finite_check"):
+            # Once non-finite, a picture stays so: only the first step says where it went wrong.
+            finite = jnp.all(jnp.isfinite(x), axis=(1, 2, 3))
+            nonfinite_step = jnp.where((nonfinite_step < 0) & ~finite, i, nonfinite_step)
         if opts.with_callback:
             last = i == stop - 1
             # Steps are counted from the run's own first step, as diffusers' img2img loop counts them.

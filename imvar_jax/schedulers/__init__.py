@@ -26,7 +26,8 @@ from .pndm import PNDMScheduler, PNDMState
 Scheduler = (PNDMScheduler | DDIMScheduler | LMSDiscreteScheduler | EulerDiscreteScheduler
              | EulerAncestralDiscreteScheduler | DPMSolverMultistepScheduler)
 
-# Each one's ``draws_noise`` says whether its step takes fresh noise (DDIM for eta, Euler ancestral always).
+# Each one's ``draws_noise`` says whether its step takes fresh noise (DDIM for eta, Euler ancestral always), and
+# ``noise_only_with_eta`` (where set) that it needs none at eta 0.
 SCHEDULERS: dict[str, type[Scheduler]] = {
     "pndm": PNDMScheduler,
     "ddim": DDIMScheduler,

@@ -34,7 +34,9 @@ class DDIMState:
 class DDIMScheduler:
     config: SchedulerConfig
     kind: ClassVar[str] = "ddim"
-    draws_noise: ClassVar[bool] = True  # for eta > 0
+    draws_noise: ClassVar[bool] = True
+    # Its noise enters as eta * sigma * z: at eta 0 (the default) there is nothing to draw.
+    noise_only_with_eta: ClassVar[bool] = True
 
     @classmethod
     def from_config(cls, raw: Mapping[str, Any]) -> Self:
