@@ -12,8 +12,11 @@ Two measurements of the same shapes in one process:
   ``guidance`` (classifier-free guidance's concatenate, split and combine, and the input scaling),
   ``scheduler``, ``step_noise`` and ``finite_check`` scopes (imvar_jax/sampling.py), ops XLA added
   inside the loop with no scope of ours (copies of the loop carry, loop control), and what runs
-  outside the loop (the CLIP encode, the VAE decode). Op times are summed over threads, so they
-  can add up to more than the wall time when XLA runs ops side by side.
+  outside the loop (the CLIP encode, the VAE decode). XLA:CPU times an op it runs asynchronously
+  (its convolutions and matmuls) only for its launch, so the UNet's op time is far below its wall
+  time and is shown only to compare the UNet inside the loop with the UNet alone; the loop's other
+  ops are elementwise and run synchronously, so their op time is what they cost, and it is put
+  against the UNet call's wall time. Op times are summed over threads.
 
 One picture, guidance 3, float32, one CPU device, the checkpoint's scheduler unless ``--scheduler``.
 
@@ -35,7 +38,7 @@ from pathlib import Path
 
 from provenance import code_version
 
-# Scope names of imvar_jax/sampling.py's loop body, in the order the table lists them.
+# The name scopes of imvar_jax/sampling.py's loop body, and what each holds.
 LOOP_SCOPES = {"guidance": "guidance: input scaling, CFG concatenate / split / combine",
                "step_noise": "step noise (DDIM eta, Euler ancestral)",
                "scheduler": "scheduler step",
@@ -65,6 +68,7 @@ def hlo_index(text: str) -> tuple[dict[str, tuple[str, str, str, str]], dict[str
     ""), and each computation's callees (the computations its instructions name)."""
     instructions: dict[str, tuple[str, str, str, str]] = {}
     lines: dict[str, list[str]] = collections.defaultdict(list)
+    references: dict[str, list[str]] = {}
     computation = ""
     for line in text.splitlines():
         head = re.match(r"^(?:ENTRY )?%?([\w.\-]+) .*\{\s*$", line)
@@ -79,29 +83,22 @@ def hlo_index(text: str) -> tuple[dict[str, tuple[str, str, str, str]], dict[str
             instructions[m.group(1)] = (opcode.group(1) if opcode else "?", op_name.group(1) if op_name else "",
                                         computation, body.group(1) if body else "")
             lines[computation].append(line)
+            references[m.group(1)] = re.findall(r"%([\w.\-]+)", line[m.end():])
     callees = {c: {name for body in ls for name in re.findall(r"%([\w.\-]+)", body) if name in lines and name != c}
                for c, ls in lines.items()}
-    # A fusion XLA made ("wrapped_...") may keep no op_name of its own: its fused instructions' names it.
-    named = {}
-    for _, op_name, computation, _ in instructions.values():
-        if op_name:
-            named.setdefault(computation, op_name)
-    for name, (opcode, op_name, computation, body) in instructions.items():
-        if not op_name and opcode == "fusion":
-            inner = next((named[c] for c in sorted(reachable_callees(name, lines, callees)) if c in named), "")
-            instructions[name] = (opcode, inner, computation, body)
+    # An op XLA rewrote (a reduce become a "wrapped_reduce-window", say) may keep only its primitive's name, no
+    # scope: it is named after the scoped instructions it fuses, else after its operands.
+    scoped = {c: op for _, op, c, _ in instructions.values() if "/" in op}
+    for _ in range(3):
+        for name, (opcode, op_name, computation, body) in instructions.items():
+            if "/" in op_name or opcode == "copy":
+                continue
+            refs = references[name]
+            inner = [scoped[c] for c in refs if c in scoped]
+            operands = [instructions[r][1] for r in refs if r in instructions and "/" in instructions[r][1]]
+            if inner or operands:
+                instructions[name] = (opcode, (inner or operands)[0], computation, body)
     return instructions, callees
-
-
-def reachable_callees(instruction: str, lines: dict[str, list[str]], callees: dict[str, set[str]]) -> set[str]:
-    """The computations an instruction calls (``calls=%...``), transitively."""
-    for ls in lines.values():
-        for line in ls:
-            m = re.match(r"\s*(?:ROOT )?%?([\w.\-]+) = ", line)
-            if m and m.group(1) == instruction:
-                called = re.findall(r"calls=%?([\w.\-]+)", line)
-                return set().union(*(reachable(c, callees) for c in called)) if called else set()
-    return set()
 
 
 def _after_type(rest: str) -> str:
@@ -287,12 +284,10 @@ def main() -> None:
         per = parts[key] / n_calls if key.startswith("loop") else parts[key]
         share = f"{100 * parts[key] / in_loop_total:.2f}%" if key.startswith("loop") else "(once per run)"
         print(f"| {key} | {1e3 * per:.3f}{'' if key.startswith('loop') else ' (whole run)'} | {share} |")
-    unet_in_loop = parts.get("loop: UNet", 0.0) / n_calls
-    rest = (in_loop_total / n_calls) - unet_in_loop
+    rest = (in_loop_total - parts.get("loop: UNet", 0.0)) / n_calls
     print(f"| UNet alone, op time of one call (of {UNET_PROFILE_CALLS} traced) | {1e3 * unet_op_s:.3f} | |")
-    print(f"loop op time per step / UNet alone's op time: {in_loop_total / n_calls / unet_op_s:.3f}; "
-          f"the loop's ops outside the UNet: {1e3 * rest:.3f} ms per step "
-          f"({100 * rest / unet_op_s:.2f}% of the UNet call)")
+    print(f"The loop's ops outside the UNet: {1e3 * rest:.3f} ms per step, {100 * rest / unet_s:.2f}% of the UNet "
+          f"call alone's wall time.")
     print(f"\nThe loop's {args.top} largest ops outside the UNet (ms per step; op name as XLA kept it):")
     for secs, name, opcode, op_name in sorted(rest_ops, reverse=True)[:args.top]:
         print(f"  {1e3 * secs / n_calls:8.3f}  {name} ({opcode})  {op_name}")
