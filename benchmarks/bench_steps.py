@@ -49,13 +49,18 @@ def main() -> None:
     import torch
     from diffusers import StableDiffusionImageVariationPipeline
 
-    from imvar_jax import ImageVariationPipeline
+    from imvar_jax import ImageVariationPipeline, apply_cpu_flags
     from imvar_jax.pipeline import TABLE_STEPS
     from imvar_jax.sampling import Conditioning, Models, SampleOptions, sample
 
+    apply_cpu_flags()
     print(f"{datetime.datetime.now().astimezone().isoformat(timespec='seconds')}; {os.cpu_count()} cpus; "
           f"jax {jax.__version__}, torch {torch.__version__}; XLA_FLAGS={os.environ.get('XLA_FLAGS', '')!r}; "
           f"code {code_version()}", flush=True)
+    # The reference first, so that a folder it cannot read fails before the long part.
+    reference = StableDiffusionImageVariationPipeline.from_pretrained(
+        args.torch, safety_checker=None, feature_extractor=None, requires_safety_checker=False)
+    reference.set_progress_bar_config(disable=True)
     pipe, params = ImageVariationPipeline.from_pretrained(args.model, safety_checker=False, dtype="float32")
     f = pipe.vae_scale_factor
     latent = (args.size // f, args.size // f)
@@ -84,9 +89,8 @@ def main() -> None:
                   f"{time.perf_counter() - start:.1f} s", flush=True)
             ours[padded, n] = fastest(lambda: compiled(params, jnp.asarray(latents), state).block_until_ready(),
                                       args.repeats)
+            print(f"  {ours[padded, n]:.2f} s", flush=True)
 
-    reference = StableDiffusionImageVariationPipeline.from_pretrained(args.torch, safety_checker=None)
-    reference.set_progress_bar_config(disable=True)
     theirs = {}
     with torch.no_grad():
         for n in args.steps:
