@@ -26,7 +26,6 @@ the grid and animations need every picture.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import os
@@ -323,11 +322,7 @@ def _run(mode: str, specs: Sequence[str | os.PathLike], weights: list[float] | N
             run.open_folder(start_over, None)
         return run.run(start_over)
     finally:
-        if run.folder is not None:
-            run.folder.close()
-        if created:
-            with contextlib.suppress(OSError):
-                out_dir.rmdir()  # only if this run made it and wrote nothing into it
+        outputs.release(run.folder, out_dir, created)
 
 
 def run_mix(sources: Sequence[tuple[str | os.PathLike, float]], out: str | os.PathLike,

@@ -15,6 +15,7 @@ import errno
 import fcntl
 import json
 import math
+import contextlib
 import os
 import re
 import stat
@@ -341,6 +342,16 @@ def is_output_name(name: str) -> bool:
 def _short_sha(sha256: str | None) -> str:
     """A negative picture as a message names it: its sha256's first digits, or none."""
     return "none" if sha256 is None else f"sha256 {sha256[:12]}"
+
+
+def release(folder: OutFolder | None, path: Path, created: bool) -> None:
+    """The end of a run that writes into ``path``: its folder closed, and ``path`` removed again if this run
+    created it and wrote nothing into it."""
+    if folder is not None:
+        folder.close()
+    if created:
+        with contextlib.suppress(OSError):
+            path.rmdir()  # only an empty folder goes
 
 
 def check_creatable(path: Path) -> None:

@@ -22,7 +22,6 @@ the decoded pictures are kept until their call (and an embedding input, having n
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import os
 import sys
@@ -666,8 +665,4 @@ def run_generate(inputs: Sequence[str | os.PathLike], out: str | os.PathLike, se
         runner.main_first("out-checked", check if job.is_main else (lambda: None))
         return runner.run(items, start_over)
     finally:
-        if runner.folder is not None:
-            runner.folder.close()
-        if created:
-            with contextlib.suppress(OSError):
-                out_dir.rmdir()  # only if this run made it and wrote nothing into it
+        outputs.release(runner.folder, out_dir, created)
