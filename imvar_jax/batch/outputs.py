@@ -11,11 +11,11 @@ outputs of ``--mix`` and ``--interpolate`` also carry their sources (``SOURCES_K
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
 import math
-import contextlib
 import os
 import re
 import stat
