@@ -67,7 +67,7 @@ def hlo_index(text: str) -> tuple[dict[str, tuple[str, str, str, str]], dict[str
     """From an optimized HLO module's text: each instruction's (opcode, op_name, computation, while body or
     ""), and each computation's callees (the computations its instructions name)."""
     instructions: dict[str, tuple[str, str, str, str]] = {}
-    lines: dict[str, list[str]] = collections.defaultdict(list)
+    members: dict[str, list[str]] = collections.defaultdict(list)
     references: dict[str, list[str]] = {}
     computation = ""
     for line in text.splitlines():
@@ -82,10 +82,9 @@ def hlo_index(text: str) -> tuple[dict[str, tuple[str, str, str, str]], dict[str
             body = re.search(r"body=%?([\w.\-]+)", line)
             instructions[m.group(1)] = (opcode.group(1) if opcode else "?", op_name.group(1) if op_name else "",
                                         computation, body.group(1) if body else "")
-            lines[computation].append(line)
+            members[computation].append(m.group(1))
             references[m.group(1)] = re.findall(r"%([\w.\-]+)", line[m.end():])
-    callees = {c: {name for body in ls for name in re.findall(r"%([\w.\-]+)", body) if name in lines and name != c}
-               for c, ls in lines.items()}
+    callees = {c: {r for i in names for r in references[i] if r in members and r != c} for c, names in members.items()}
     # An op XLA rewrote (a reduce become a "wrapped_reduce-window", say) may keep only its primitive's name, no
     # scope: it is named after the scoped instructions it fuses, else after its operands.
     scoped = {c: op for _, op, c, _ in instructions.values() if "/" in op}
@@ -291,7 +290,6 @@ def main() -> None:
     print(f"\nThe loop's {args.top} largest ops outside the UNet (ms per step; op name as XLA kept it):")
     for secs, name, opcode, op_name in sorted(rest_ops, reverse=True)[:args.top]:
         print(f"  {1e3 * secs / n_calls:8.3f}  {name} ({opcode})  {op_name}")
-
 
 
 if __name__ == "__main__":

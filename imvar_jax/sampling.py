@@ -177,7 +177,7 @@ def sample(models: Models, opts: SampleOptions, params: dict[str, Any], cond: Co
         with jax.named_scope("step_noise"):
             if not scheduler.draws_noise:
                 noise = None
-            elif getattr(scheduler, "noise_only_with_eta", False):
+            elif scheduler.noise_only_with_eta:
                 # eta is traced, so the choice is made at run time: with eta 0 no step draws anything.
                 noise = jax.lax.cond(eta != 0, step_noise, lambda i: jnp.zeros(x.shape, jnp.float32), i)
             else:

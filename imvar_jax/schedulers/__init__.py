@@ -27,7 +27,7 @@ Scheduler = (PNDMScheduler | DDIMScheduler | LMSDiscreteScheduler | EulerDiscret
              | EulerAncestralDiscreteScheduler | DPMSolverMultistepScheduler)
 
 # Each one's ``draws_noise`` says whether its step takes fresh noise (DDIM for eta, Euler ancestral always), and
-# ``noise_only_with_eta`` (where set) that it needs none at eta 0.
+# for those that do, ``noise_only_with_eta`` whether they need none at eta 0.
 SCHEDULERS: dict[str, type[Scheduler]] = {
     "pndm": PNDMScheduler,
     "ddim": DDIMScheduler,

@@ -88,6 +88,7 @@ class EulerDiscreteScheduler:
 class EulerAncestralDiscreteScheduler(EulerDiscreteScheduler):
     kind: ClassVar[str] = "euler-a"
     draws_noise: ClassVar[bool] = True
+    noise_only_with_eta: ClassVar[bool] = False  # its step is always fully ancestral
 
     def step(self, state: EulerState, model_output: jax.Array, step_index: jax.Array, sample: jax.Array, *,
              eta: jax.Array | float = 0.0, variance_noise: jax.Array | None = None) -> tuple[jax.Array, EulerState]:
