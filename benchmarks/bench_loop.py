@@ -252,6 +252,9 @@ def main() -> None:
 
     instructions, callees = hlo_index(loop_text)
     in_loop = loop_computations(instructions, callees)
+    if not in_loop:
+        raise SystemExit("bench_loop: found no while loop holding UNet ops in the compiled program's text "
+                         "(has XLA's HLO text format changed?)")
     parts: dict[str, float] = collections.defaultdict(float)
     rest_ops: list[tuple[float, str, str, str]] = []
     for name, secs in loop_ops.items():
