@@ -89,20 +89,30 @@ def components_of(src: Path, model_index: Mapping[str, Any]) -> list[str]:
     return present
 
 
+def open_torch(src: str | os.PathLike, include_safety_checker: bool = True
+               ) -> tuple[dict[str, Any], Callable[[str, Any], dict[str, Any]]]:
+    """A PyTorch diffusers folder's component configs, every one checked before any weights are read, and a
+    function ``(name, dtype) -> params`` that converts one component's weights."""
+    src = Path(src)
+    names = [n for n in components_of(src, _read_model_index(src))
+             if n != "safety_checker" or include_safety_checker]
+    configs = read_configs(src, names)
+
+    def read(name: str, dtype: Any) -> dict[str, Any]:
+        return convert_component(SPECS[name], src / name, parse_dtype(dtype), config=configs[name])[1]
+
+    return configs, read
+
+
 def iter_torch_components(src: str | os.PathLike, dtype: Any = np.float32,
                           include_safety_checker: bool = True, component_dtypes: Mapping[str, Any] | None = None):
     """Yield ``(name, config, params)`` per component of a PyTorch diffusers folder, one at a time.
 
     ``component_dtypes`` overrides ``dtype`` for the components it names.
     """
-    src = Path(src)
-    names = [n for n in components_of(src, _read_model_index(src))
-             if n != "safety_checker" or include_safety_checker]
-    configs = read_configs(src, names)
-    for name in names:
-        want = parse_dtype((component_dtypes or {}).get(name, dtype))
-        config, params = convert_component(SPECS[name], src / name, want, config=configs[name])
-        yield name, config, params
+    configs, read = open_torch(src, include_safety_checker)
+    for name, config in configs.items():
+        yield name, config, read(name, (component_dtypes or {}).get(name, dtype))
 
 
 def read_configs(src: Path, names: list[str]) -> dict[str, Any]:
@@ -308,23 +318,32 @@ def read_format(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
-def load_converted_component(path: str | os.PathLike, name: str, dtype: Any) -> tuple[Any, dict[str, Any]]:
-    """Restore one component of a converted folder as numpy params of ``dtype``, checking every shape.
+def converted_config(path: str | os.PathLike, name: str) -> Any:
+    """Component ``name``'s config in a converted folder, checked; a missing folder, config or params raises a
+    one-line ConversionError naming the component and the folder."""
+    d = Path(path) / name
+    missing = (d if not d.is_dir() else d / "config.json" if not (d / "config.json").is_file()
+               else d / "params" if not (d / "params").is_dir() else None)
+    if missing is not None:
+        raise ConversionError(f"{path}: converted component '{name}' is damaged ({missing} is missing)")
+    return SPECS[name].read_config(d)
+
+
+def load_converted_component(path: str | os.PathLike, name: str, dtype: Any,
+                             config: Any = None) -> tuple[Any, dict[str, Any]]:
+    """Restore one component of a converted folder as numpy params of ``dtype``, checking every shape
+    (``config``: its config, if ``converted_config`` already read it).
 
     A damaged component (missing folder, config or params, a truncated or garbled array
     file) raises a one-line ConversionError naming the component and the folder.
     """
     import orbax.checkpoint as ocp
 
-    spec = SPECS[name]
+    if config is None:
+        config = converted_config(path, name)
     d = Path(path) / name
-    missing = (d if not d.is_dir() else d / "config.json" if not (d / "config.json").is_file()
-               else d / "params" if not (d / "params").is_dir() else None)
-    if missing is not None:
-        raise ConversionError(f"{path}: converted component '{name}' is damaged ({missing} is missing)")
-    config = spec.read_config(d)
     want = parse_dtype(dtype)
-    expected = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, want), spec.abstract_params(config))
+    expected = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, want), SPECS[name].abstract_params(config))
     try:
         params = _checkpointer().restore((d / "params").absolute(), args=ocp.args.StandardRestore(expected))
     except (ValueError, KeyError, TypeError, AttributeError, OSError) as e:
@@ -347,15 +366,25 @@ def _damaged(path: str | os.PathLike, name: str, e: BaseException) -> Conversion
                            f"({reason})")
 
 
+def open_converted(path: str | os.PathLike, include_safety_checker: bool = True
+                   ) -> tuple[dict[str, Any], Callable[[str, Any], dict[str, Any]]]:
+    """A converted folder's component configs, every one checked before any weights are read, and a function
+    ``(name, dtype) -> params`` that restores one component's weights."""
+    names = [n for n in read_format(path)["components"] if n != "safety_checker" or include_safety_checker]
+    configs = {name: converted_config(path, name) for name in names}
+
+    def read(name: str, dtype: Any) -> dict[str, Any]:
+        return load_converted_component(path, name, dtype, config=configs[name])[1]
+
+    return configs, read
+
+
 def load_converted(path: str | os.PathLike, dtype: Any = np.float32, include_safety_checker: bool = True,
                    component_dtypes: Mapping[str, Any] | None = None):
     """Yield ``(name, config, params)`` for each component of a converted folder, cast to ``dtype``.
 
     ``component_dtypes`` overrides ``dtype`` for the components it names.
     """
-    fmt = read_format(path)
-    for name in fmt["components"]:
-        if name == "safety_checker" and not include_safety_checker:
-            continue
-        config, params = load_converted_component(path, name, (component_dtypes or {}).get(name, dtype))
-        yield name, config, params
+    configs, read = open_converted(path, include_safety_checker)
+    for name, config in configs.items():
+        yield name, config, read(name, (component_dtypes or {}).get(name, dtype))

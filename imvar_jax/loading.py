@@ -1,8 +1,9 @@
 """Model names to component configs and params: converted folders, diffusers folders, hub ids, ``"tiny"``.
 
-Every source is read as a stream of ``(name, config, params)`` per component (``load_converted``,
-``iter_torch_components``, ``tiny.iter_tiny_components``), each component put on its devices
-before the next is read, so loading never holds the whole model twice.
+A source is opened in two steps (``open_model``): every component's config is read and checked
+first, so a pipeline (and its compiled programs) can be made before a single weight is read; then
+the weights are read a component at a time, each put on its devices before the next is read, so
+loading never holds the whole model twice.
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ import jax
 import numpy as np
 
 from .config_files import read_preprocessor_config, read_scheduler_config
-from .convert.checkpoint import is_converted, iter_torch_components, load_converted
+from .convert.checkpoint import is_converted, open_converted, open_torch
 from .hub import TINY_MODEL, resolve_model
 from .schedulers import SD_V1_SCHEDULER_CONFIG
-from .tiny import iter_tiny_components, tiny_configs, tiny_feature_extractor_config
+from .tiny import open_tiny, tiny_feature_extractor_config
 
 
 @dataclass
@@ -55,26 +56,43 @@ def move_to_devices(tree: dict[str, Any], put: Callable[[Any], jax.Array]) -> di
     return out
 
 
-def load_model(path: str | os.PathLike, *, revision: str | None, dtype: np.dtype, vae_dtype: np.dtype,
-               safety_checker: bool, put: Callable[[Any], jax.Array]) -> LoadedModel:
-    """Read ``path`` (see ``ImageVariationPipeline.from_pretrained``) with params placed by ``put``."""
+@dataclass
+class ModelSource:
+    """A model whose configs have been read and checked, its weights not yet."""
+
+    configs: dict[str, Any]
+    scheduler_config: dict[str, Any] | None
+    feature_extractor_config: dict[str, Any] | None
+    _read: Callable[[str], dict[str, Any]]  # component name -> its host params, in the dtype asked for
+
+    def load_params(self, put: Callable[[Any], jax.Array]) -> dict[str, Any]:
+        """Every component's params placed by ``put``, one component in host memory at a time."""
+        return {name: move_to_devices(self._read(name), put) for name in self.configs}
+
+
+def open_model(path: str | os.PathLike, *, revision: str | None, dtype: np.dtype, vae_dtype: np.dtype,
+               safety_checker: bool) -> ModelSource:
+    """``path`` (see ``ImageVariationPipeline.from_pretrained``) with its configs read; a hub id is fetched and
+    converted here."""
     if str(path) == TINY_MODEL:
         if revision is not None:
             raise ValueError(f"revision: the built-in {TINY_MODEL!r} model has no revisions, got {revision!r}")
-        components = iter_tiny_components(dtype, vae_dtype, include_safety_checker=safety_checker)
-        scheduler_config = dict(SD_V1_SCHEDULER_CONFIG)
-        feature_extractor_config = tiny_feature_extractor_config(tiny_configs()["image_encoder"].image_size)
-    else:
-        root = resolve_model(path, revision, dtype)
-        loader = load_converted if is_converted(root) else iter_torch_components
-        components = loader(root, dtype, include_safety_checker=safety_checker, component_dtypes={"vae": vae_dtype})
-        # Read before the weights, so a bad side config fails in seconds, naming its file.
-        scheduler_config = _read_optional(root / "scheduler" / "scheduler_config.json", read_scheduler_config)
-        feature_extractor_config = _read_optional(root / "feature_extractor" / "preprocessor_config.json",
-                                                  read_preprocessor_config)
-    configs: dict[str, Any] = {}
-    params: dict[str, Any] = {}
-    for name, config, p in components:
-        configs[name] = config
-        params[name] = move_to_devices(p, put)
-    return LoadedModel(configs, params, scheduler_config, feature_extractor_config)
+        configs, read = open_tiny(dtype, vae_dtype, include_safety_checker=safety_checker)
+        return ModelSource(configs, dict(SD_V1_SCHEDULER_CONFIG),
+                           tiny_feature_extractor_config(configs["image_encoder"].image_size), read)
+    root = resolve_model(path, revision, dtype)
+    configs, read_component = (open_converted if is_converted(root) else open_torch)(root, safety_checker)
+    # Read before the weights, so a bad side config fails in seconds, naming its file.
+    scheduler_config = _read_optional(root / "scheduler" / "scheduler_config.json", read_scheduler_config)
+    feature_extractor_config = _read_optional(root / "feature_extractor" / "preprocessor_config.json",
+                                              read_preprocessor_config)
+    return ModelSource(configs, scheduler_config, feature_extractor_config,
+                       lambda name: read_component(name, vae_dtype if name == "vae" else dtype))
+
+
+def load_model(path: str | os.PathLike, *, revision: str | None, dtype: np.dtype, vae_dtype: np.dtype,
+               safety_checker: bool, put: Callable[[Any], jax.Array]) -> LoadedModel:
+    """Read ``path`` (see ``ImageVariationPipeline.from_pretrained``) with params placed by ``put``."""
+    source = open_model(path, revision=revision, dtype=dtype, vae_dtype=vae_dtype, safety_checker=safety_checker)
+    return LoadedModel(source.configs, source.load_params(put), source.scheduler_config,
+                       source.feature_extractor_config)

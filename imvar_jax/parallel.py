@@ -203,7 +203,7 @@ def replicate(tree: Any, devices: Sequence[jax.Device] | None = None) -> Any:
     model's 416 arrays on this CPU, and holds all D copies on the first device at once.
     """
     devices = list(devices or jax.local_devices())
-    sharding = NamedSharding(Mesh(np.array(devices), ("devices",)), PartitionSpec("devices"))
+    sharding = _stacked(devices)
     # Over several processes' devices, each process puts the copies of its own devices only.
     mine = [d for d in devices if d.process_index == jax.process_index()]
 
@@ -213,6 +213,18 @@ def replicate(tree: Any, devices: Sequence[jax.Device] | None = None) -> Any:
         return jax.make_array_from_single_device_arrays((len(devices), *host.shape[1:]), sharding, shards)
 
     return jax.tree.map(one, tree)
+
+
+def replicated_shapes(tree: Any, devices: Sequence[jax.Device] | None = None) -> Any:
+    """What ``replicate(tree, devices)`` gives, as ``jax.ShapeDtypeStruct`` leaves: nothing is read or placed."""
+    devices = list(devices or jax.local_devices())
+    sharding = _stacked(devices)
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct((len(devices), *x.shape), x.dtype, sharding=sharding), tree)
+
+
+def _stacked(devices: list[jax.Device]) -> NamedSharding:
+    """``replicate``'s layout: the leading axis split over ``devices``, one copy each."""
+    return NamedSharding(Mesh(np.array(devices), ("devices",)), PartitionSpec("devices"))
 
 
 def unreplicate(tree: Any) -> Any:
@@ -235,8 +247,9 @@ def replicated_devices(tree: Any) -> list[jax.Device] | None:
 
 
 def on_device(tree: Any, device: jax.Device) -> bool:
-    """Whether every leaf of ``tree`` is a plain (unreplicated) array on ``device`` alone."""
-    return all(isinstance(x, jax.Array) and x.sharding.device_set == {device} for x in jax.tree.leaves(tree))
+    """Whether every leaf of ``tree`` is a plain (unreplicated) array on ``device`` alone (or the shape of one)."""
+    return all(isinstance(x, (jax.Array, jax.ShapeDtypeStruct)) and getattr(x.sharding, "device_set", None) == {device}
+               for x in jax.tree.leaves(tree))
 
 
 def shard(x: Any, num_devices: int | None = None) -> Any:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import itertools
 import logging
 import os
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Mapping, Sequence
@@ -21,7 +23,7 @@ from . import executables, memory
 from .conditioning import check_weights, path_weights
 from .errors import NonFiniteError, shown
 from .hub import DEFAULT_MODEL
-from .loading import load_model
+from .loading import open_model
 from .models import abstract_params
 from .models.clip_vision import CLIPVisionModelWithProjection
 from .models.layers import target_platform
@@ -29,7 +31,7 @@ from .models.safety_checker import SafetyChecker
 from .models.unet import UNet2DConditionModel
 from .models.vae import AutoencoderKL, sample_latent
 from .parallel import (PicturePlan, Placement, as_key, on_device, picture_keys, picture_plan, replicate,
-                       replicated_devices, seeded_picture_keys, unreplicate)
+                       replicated_devices, replicated_shapes, seeded_picture_keys, unreplicate)
 from .precision import resolve_dtypes
 from .preprocessing import prepare_init_images, prepare_inputs, to_pil
 from .sampling import Conditioning, Models, Sampled, SampleOptions, encode_sources, sample
@@ -160,7 +162,9 @@ class ImageVariationPipeline:
                         scheduler: str = "pndm", dtype: Any = None, vae_dtype: Any = None,
                         revision: str | None = None, safety_checker: bool = True, attention: str = "auto",
                         devices: Sequence[jax.Device] | None = None,
-                        ) -> tuple["ImageVariationPipeline", dict[str, Any]]:
+                        on_compile: Callable[[str], None] | None = None,
+                        warm_up: "Mapping[str, Any] | Callable[[ImageVariationPipeline], Mapping[str, Any] | None] | None"
+                        = None) -> tuple["ImageVariationPipeline", dict[str, Any]]:
         """Load a converted Flax folder, a PyTorch diffusers folder (converted in memory), a hub id or ``"tiny"``.
 
         A hub id is downloaded and converted once per (revision, dtype) into imvar-jax's cache
@@ -180,6 +184,13 @@ class ImageVariationPipeline:
         ``devices``: None puts params on the first local device, for ``jit=False`` calls; a device
         list gives them already replicated there (as ``imvar_jax.replicate`` would), each device
         getting its copy straight from host memory, so no device ever holds a second one.
+        ``on_compile``: the pipeline's ``on_compile`` (set before ``warm_up`` runs).
+
+        ``warm_up``: the keyword arguments of a ``generate`` call to come (``images`` among them, standing
+        for its inputs: see ``warm_up``), or a function that is given the pipeline, made from the configs
+        before any weight is read, and returns them (or None). That call's sampling program is then loaded
+        from the executable cache, or compiled, on a second thread while the weights load, instead of
+        at the first call; its errors are raised here, once the weights have loaded.
         Returns ``(pipeline, params)``.
         """
         scheduler = check_value("scheduler", scheduler)
@@ -197,15 +208,32 @@ class ImageVariationPipeline:
 
         attention = _check_attention(attention, placement.platform)
         dtype, vae_dtype = resolve_dtypes(dtype, vae_dtype, placement.platform)
-        loaded = load_model(path, revision=revision, dtype=dtype, vae_dtype=vae_dtype, safety_checker=safety_checker,
-                            put=put)
-        pipe = cls.from_configs(loaded.configs, dtype=dtype, vae_dtype=vae_dtype, attention=attention,
-                                scheduler=scheduler, scheduler_config=loaded.scheduler_config,
-                                feature_extractor_config=loaded.feature_extractor_config, platform=placement.platform)
+        source = open_model(path, revision=revision, dtype=dtype, vae_dtype=vae_dtype, safety_checker=safety_checker)
+        pipe = cls.from_configs(source.configs, dtype=dtype, vae_dtype=vae_dtype, attention=attention,
+                                scheduler=scheduler, scheduler_config=source.scheduler_config,
+                                feature_extractor_config=source.feature_extractor_config, platform=placement.platform)
+        pipe.on_compile = on_compile
         if pipe.safety_checker is None:
             log.warning("The safety checker is disabled: generated pictures are not filtered. Keep it on in "
                         "anything public facing (the Stable Diffusion license asks for it).")
-        return pipe, loaded.params
+        call = warm_up(pipe) if callable(warm_up) else warm_up
+        if call is None:
+            return pipe, source.load_params(put)
+        if not isinstance(call, Mapping):
+            raise ValueError(f"warm_up: expected the keyword arguments of a generate call, got {shown(call)}")
+        call = dict(call)
+        images = call.pop("images", None)
+        shapes = pipe.abstract_params(devices)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="imvar-jax-warm-up") as pool:
+            ready = pool.submit(pipe.warm_up, shapes, images, **call)
+            start = time.perf_counter()
+            params = source.load_params(put)
+            loaded = time.perf_counter()
+            ready.result()
+        if on_compile is not None:
+            on_compile(f"weights loaded in {loaded - start:.1f} s; the sampling program was ready "
+                       f"{time.perf_counter() - loaded:.1f} s after them")
+        return pipe, params
 
     @classmethod
     def from_configs(cls, configs: dict[str, Any], *, dtype: Any = None, vae_dtype: Any = None,
@@ -237,6 +265,30 @@ class ImageVariationPipeline:
             dtype=dtype,
             scheduler_name=check_value("scheduler", scheduler),
         )
+
+    def abstract_params(self, devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
+        """The params ``from_pretrained(devices=devices)`` returns, as ``jax.ShapeDtypeStruct`` leaves (shapes,
+        dtypes and placement; nothing is read or allocated): for ``warm_up`` before the weights exist."""
+        shapes = {name: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, self._module(name).dtype),
+                                     self._shapes(name)) for name in self._components()}
+        if devices is not None:
+            return replicated_shapes(shapes, Placement.of(devices).devices)
+        on = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on), shapes)
+
+    def warm_up(self, params: dict[str, Any], images: Any = None, **kwargs: Any) -> None:
+        """Get the sampling program that ``generate(images, params, **kwargs)`` would run, without running it:
+        loaded from the executable cache, or compiled (and stored there); the call then finds it ready.
+
+        ``params``: real ones, or ``abstract_params``' shapes, so that the program can be made while the
+        weights are still loading (``from_pretrained(warm_up=...)`` does so). ``images`` (or ``image_embeds``
+        and the other inputs) stand for the call's: only their number and kind, pictures or embeddings,
+        shape the program, so zeros of the right shape will do, and with ``slots`` one input is enough.
+        Raises what ``generate`` would raise for the same arguments (a ``TypeError`` for an unknown one).
+        """
+        call = _GENERATE.bind(self, images, params, **kwargs)
+        call.apply_defaults()
+        self._generate(*list(call.arguments.values())[1:], frames=None, dry=True)
 
     def _compiled(self, key: Any, build: Callable[[], Callable[..., Any]]) -> Callable[..., Any]:
         with self._lock:
@@ -331,6 +383,10 @@ class ImageVariationPipeline:
             return placement, params, True
         if on is None and len(placement) == 1 and on_device(params, placement.devices[0]):
             return placement, params, False
+        if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
+            # warm_up's shapes: those of the params this call would replicate.
+            one = params if on is None else jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[1:], x.dtype), params)
+            return placement, replicated_shapes(one, placement.devices), True
         return placement, replicate(params if on is None else unreplicate(params), placement.devices), True
 
     def check_safety(self, params: dict[str, Any], pixel_values: Any,
@@ -484,12 +540,18 @@ class ImageVariationPipeline:
     def _components(self) -> tuple[str, ...]:
         return ("unet", "vae", "image_encoder") + (() if self.safety_checker is None else ("safety_checker",))
 
+    def _module(self, name: str) -> Any:
+        return {"unet": self.unet, "vae": self.vae, "image_encoder": self.image_encoder,
+                "safety_checker": self.safety_checker}[name]
+
+    def _shapes(self, name: str) -> dict[str, Any]:
+        """Component ``name``'s params tree as float32 shapes (traced once per pipeline, nothing allocated)."""
+        return self._compiled(("abstract", name), lambda: abstract_params(self._module(name).config))
+
     def _expected_params(self, name: str) -> dict[str, Any]:
-        """Component ``name``'s params tree as shapes (traced once per pipeline, nothing allocated)."""
-        module = {"unet": self.unet, "vae": self.vae, "image_encoder": self.image_encoder,
-                  "safety_checker": self.safety_checker}[name]
-        shapes = self._compiled(("abstract", name), lambda: abstract_params(module.config))
-        return {jax.tree_util.keystr(path): leaf.shape for path, leaf in jax.tree_util.tree_leaves_with_path(shapes)}
+        """Component ``name``'s params by key path: their shapes."""
+        return {jax.tree_util.keystr(path): leaf.shape
+                for path, leaf in jax.tree_util.tree_leaves_with_path(self._shapes(name))}
 
     def _check_params(self, params: Any, copies: int | None) -> None:
         """``params`` checked against the modules' own trees; ``copies`` is the leading axis of ``replicate``d
@@ -562,7 +624,7 @@ class ImageVariationPipeline:
              inputs: np.ndarray, indices: np.ndarray, latents: np.ndarray | None,
              seed: "int | jax.Array | _InputSeeds", steps: int, guidance: float, eta: float, size: tuple[int, int],
              callback: Callable[..., None] | None, callback_steps: int,
-             setting: str) -> tuple[np.ndarray, np.ndarray | None, list[str | None]]:
+             setting: str, dry: bool = False) -> tuple[np.ndarray, np.ndarray | None, list[str | None]] | None:
         """The sampling program on ``placement`` for the rows of ``cond`` (a multiple of the device count, row r
         holding input ``inputs[r]``), ``k`` pictures each, picture p's noise from ``indices[p]``; then the safety
         check there.
@@ -570,7 +632,8 @@ class ImageVariationPipeline:
         Returns this process's pictures (the positions ``placement.local_slots(len(rows) * k)``: all of them in
         a single process), their safety flags and, per picture, where it went non-finite (None if it did not);
         such pictures come back black. The program's memory is checked first: ``InsufficientMemoryError``
-        names ``setting`` when the call asks for more pictures per device than fit.
+        names ``setting`` when the call asks for more pictures per device than fit. ``dry``: stop (returning
+        None) once the program is there.
         """
         height, width = size
         f = self.vae_scale_factor
@@ -594,6 +657,8 @@ class ImageVariationPipeline:
         source_shape = cond.sources.shape[2:]
         executable = self._sample_executable(opts, placement, models, stacked, rows, steps, latent_shape,
                                              source_shape)
+        if dry:
+            return None
         resident = _bytes_per_device(models, len(placement) if stacked else 1)
 
         def one_picture() -> int | None:
@@ -819,9 +884,10 @@ class ImageVariationPipeline:
                   guidance_scale: Any, height: Any, width: Any, eta: Any, output_type: Any, callback: Any,
                   callback_steps: Any, slots: Any, mix_weights: Any, mix_method: Any, negative_image: Any,
                   image_embeds: Any, negative_image_embeds: Any, strength: Any, init_image: Any, *,
-                  frames: int | None) -> ImageVariationOutput:
+                  frames: int | None, dry: bool = False) -> ImageVariationOutput | None:
         """``generate`` and ``interpolate``: ``frames`` None makes one input per picture, or one mix with
-        ``mix_weights``; an int makes that many inputs along the path through the pictures."""
+        ``mix_weights``; an int makes that many inputs along the path through the pictures. ``dry``
+        (``warm_up``): stop once the sampling program is there."""
         per_input = seed if isinstance(seed, (list, tuple)) else None
         k, steps, guidance, eta, callback_steps, size, seed = self._check_call(
             num_images_per_prompt, num_inference_steps, guidance_scale, eta, callback, callback_steps, output_type,
@@ -875,7 +941,9 @@ class ImageVariationPipeline:
             if negative_image is not None:
                 # The sources of one call are all embeddings: the negative picture becomes one too.
                 negative_pixels = self._one_picture(negative_image, preprocessing)
-                sources = np.concatenate([sources, self.image_embeddings(negative_pixels, params)])
+                negative_embeds = (np.zeros((1, self.image_encoder.config.projection_dim), np.float32) if dry
+                                   else self.image_embeddings(negative_pixels, params))
+                sources = np.concatenate([sources, negative_embeds])
             elif negative:
                 sources = np.concatenate([sources, self._check_embeds(negative_image_embeds, "negative_image_embeds",
                                                                       single=True)])
@@ -913,8 +981,11 @@ class ImageVariationPipeline:
         cond = _Rows(sources[mixes.sources[rows]], mixes.weights[rows], mixes.negative_weights[rows],
                      embeds_given=embeds is not None, mix=mix_method, init_pixels=init_pixels, strength=strength)
         setting = "slots" if slots is not None else "num_images_per_prompt" if k > 1 else "images"
-        images, flags, where = self._run(placement, params, stacked, 1, cond, plan.inputs, plan.index, latents,
-                                         seed, steps, guidance, eta, size, callback, callback_steps, setting)
+        ran = self._run(placement, params, stacked, 1, cond, plan.inputs, plan.index, latents, seed, steps, guidance,
+                        eta, size, callback, callback_steps, setting, dry)
+        if ran is None:
+            return None
+        images, flags, where = ran
         return self._output(images, flags, where, plan.index, mine, plan.count, output_type)
 
     def _one_picture(self, picture: Any, preprocessing: str, name: str = "negative_image") -> np.ndarray:
@@ -946,6 +1017,10 @@ class ImageVariationPipeline:
         if not np.isfinite(x).all():
             raise ValueError(f"{name}: contain NaN or infinity")
         return x
+
+# warm_up takes generate's arguments, whatever may have been put in its place.
+_GENERATE = inspect.signature(ImageVariationPipeline.generate)
+
 
 @dataclass(frozen=True)
 class _Rows:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Any, Iterator
+from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
@@ -101,17 +101,21 @@ def tiny_params(seed: int = 0) -> dict[str, Any]:
     return params
 
 
-def iter_tiny_components(dtype: Any, vae_dtype: Any, include_safety_checker: bool = True, seed: int = 0,
-                         ) -> Iterator[tuple[str, Any, dict[str, Any]]]:
-    """Yield ``(name, config, params)`` per component, as ``load_converted`` does for a folder.
+def open_tiny(dtype: Any, vae_dtype: Any, include_safety_checker: bool = True, seed: int = 0,
+              ) -> tuple[dict[str, Any], Callable[[str], dict[str, Any]]]:
+    """The components' configs and a function ``name -> params``, as ``open_converted`` gives for a folder.
 
-    Both dtypes are cast from the same float32 draw, so a float32 VAE here has the float32
-    model's exact weights. ``seed`` picks the weights: the same bits on every call and process.
+    Both dtypes are cast from the same float32 draw (made at the first read), so a float32 VAE here
+    has the float32 model's exact weights. ``seed`` picks the weights: the same bits on every call and
+    process.
     """
-    configs = tiny_configs()
-    params = tiny_params(seed)
-    for name, config in configs.items():
-        if name == "safety_checker" and not include_safety_checker:
-            continue
+    configs = {n: c for n, c in tiny_configs().items() if n != "safety_checker" or include_safety_checker}
+    drawn: dict[str, Any] = {}
+
+    def read(name: str) -> dict[str, Any]:
+        if not drawn:
+            drawn.update(tiny_params(seed))
         want = np.dtype(vae_dtype if name == "vae" else dtype)
-        yield name, config, jax.tree.map(lambda a: a.astype(want), params.pop(name))
+        return jax.tree.map(lambda a: a.astype(want), drawn.pop(name))
+
+    return configs, read

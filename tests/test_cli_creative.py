@@ -111,6 +111,14 @@ def _same_pictures(paths: list[Path], images: np.ndarray) -> None:
         np.testing.assert_array_equal(_pixels(path), np.asarray(expected), err_msg=str(path))
 
 
+def _one_program(stderr: str) -> None:
+    """The run made one sampling program, during loading (the warm-up's stand-in inputs gave the run's program)."""
+    lines = stderr.splitlines()
+    compiling = [i for i, line in enumerate(lines) if line.startswith("imvar-jax generate: compiling for ")]
+    ready = [i for i, line in enumerate(lines) if "; the sampling program was ready " in line]
+    assert len(compiling) == 1 and len(ready) == 1 and compiling[0] < ready[0], stderr
+
+
 def _picture(path: Path) -> Image.Image:
     with Image.open(path) as image:
         return image.convert("RGB")
@@ -137,6 +145,7 @@ def test_strength_and_negative_pictures_equal_the_api(strength_run, files, api):
                              negative_image=c, strength=0.5, init_image=[a], **API)
     _same_pictures([out / "a" / f"{j}.png" for j in range(K)], expected.images)
     assert "done 2, skipped 0 (already complete), failed 1," in stdout
+    _one_program(stderr)
     (error,) = _errors(stderr)
     assert code == 1 and f"{files / 'e.npy'}: an embedding (.npy) has no picture to start from" in error
     assert "--strength" in error
@@ -176,6 +185,7 @@ def test_embedding_inputs_equal_the_api_and_bad_ones_fail_alone(files, api, tmp_
                                  files / "c.png", "--grid", "--out", out, *COMMON)
     errors = _errors(stderr)
     assert code == 1 and len(errors) == 2 and "done 2, skipped 0 (already complete), failed 2," in stdout, stderr
+    _one_program(stderr)
     (bad,) = [e for e in errors if f"{files / 'bad.npy'}: " in e]
     assert "expected an embedding of shape [D] or [1, D], got shape [2," in bad
     (notes,) = [e for e in errors if f"{files / 'notes.npy'}: " in e]
@@ -189,6 +199,22 @@ def test_embedding_inputs_equal_the_api_and_bad_ones_fail_alone(files, api, tmp_
     assert _text(out / "e" / "0.png")["input_sha256"] == _sha(files / "e.npy")
     grid = _pixels(out / "e" / "grid.png")
     assert grid.shape == (SIZE, SIZE * (K + 1), 3) and (grid[:, :SIZE] == 128).all()  # no picture: grey
+
+
+def test_a_negative_embedding_with_pictures_equals_the_api(files, api, tmp_path):
+    pipe, params = api
+    out = tmp_path / "out"
+    code, stdout, stderr = _main("generate", files / "a.png", "--negative", files / "e.npy", "--strength", "0.5",
+                                 "--out", out, *COMMON)
+    assert code == 0 and "done 2, skipped 0 (already complete), failed 0," in stdout, stderr
+    _one_program(stderr)
+    a = _picture(files / "a.png")
+    # The pictures become embeddings, so that the negative one can join them.
+    embeds = pipe.image_embeddings([a], params)
+    expected = pipe.generate(None, params, 0, num_images_per_prompt=K, first_index=[0], slots=SLOTS,
+                             image_embeds=embeds, negative_image_embeds=np.load(files / "e.npy"), strength=0.5,
+                             init_image=[a], **API)
+    _same_pictures([out / "a" / f"{j}.png" for j in range(K)], expected.images)
 
 
 # ----------------------------------------------------------------------

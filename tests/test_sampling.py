@@ -16,7 +16,7 @@ from imvar_jax import ImageVariationPipeline, convert_checkpoint
 from helpers import CompileLog
 from imvar_jax.parallel import image_keys, replicate, shard
 from imvar_jax.sampling import Conditioning, Models, SampleOptions, latent_noise, sample
-from imvar_jax.settings import MAX_STEPS
+from imvar_jax.settings import MAX_STEPS, SettingsError
 from tiny_checkpoint import build_torch_pipeline, save_pipeline
 
 STEPS = 4
@@ -270,6 +270,53 @@ def test_compiles_once_and_not_per_step(folder):
         texts[steps] = text
     assert texts[10].count(" convolution(") == texts[50].count(" convolution(") > 0
     assert abs(len(texts[10]) - len(texts[50])) < 100
+
+
+def test_warm_up_makes_the_program_while_the_weights_load(folder):
+    """``from_pretrained(warm_up=...)`` gets the call's sampling program on a thread during loading: the call then
+    compiles nothing and gives the pictures a pipeline without warm-up gives."""
+    a, _ = _inputs(seed=4)
+    call = dict(num_inference_steps=STEPS, num_images_per_prompt=K, height=HEIGHT, width=WIDTH, guidance_scale=3.0)
+    notes = []
+    with CompileLog() as loading:
+        pipe, params = ImageVariationPipeline.from_pretrained(folder, safety_checker=False, on_compile=notes.append,
+                                                              warm_up=dict(images=np.zeros_like(a), **call))
+    assert loading.count("jit(generate)") == 1, loading.names
+    assert [n for n in notes if n.startswith("compiling for")] and \
+        re.fullmatch(r"weights loaded in \d+\.\d s; the sampling program was ready \d+\.\d s after them", notes[-1])
+    with CompileLog() as calling:
+        warm = pipe.generate(a, params, seed=3, **call).images
+    assert calling.count("jit(generate)") == 0, calling.names
+    plain_pipe, plain_params = _ours(folder, "pndm")
+    np.testing.assert_array_equal(warm, plain_pipe.generate(a, plain_params, seed=3, **call).images)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(devices=2), dict(dtype="bfloat16", vae_dtype="float32")])
+def test_abstract_params_are_what_from_pretrained_returns(folder, kwargs):
+    devices = jax.local_devices()[:kwargs.pop("devices")] if "devices" in kwargs else None
+    pipe, params = ImageVariationPipeline.from_pretrained(folder, devices=devices, **kwargs)
+    shapes = pipe.abstract_params(devices)
+    assert jax.tree.structure(shapes) == jax.tree.structure(params)
+    for shape, real in zip(jax.tree.leaves(shapes), jax.tree.leaves(params)):
+        assert (shape.shape, shape.dtype, shape.sharding) == (real.shape, real.dtype, real.sharding)
+    assert {x.dtype for x in jax.tree.leaves(shapes["vae"])} == {np.dtype(kwargs.get("vae_dtype", "float32"))}
+
+
+def test_warm_up_errors_are_those_of_the_call(folder):
+    pixel_values, _ = _inputs(n=1)
+    with pytest.raises(TypeError, match="bogus"):
+        ImageVariationPipeline.from_pretrained(folder, safety_checker=False,
+                                               warm_up=dict(images=pixel_values, bogus=1))
+    with pytest.raises(SettingsError, match="^height: 7 is not a positive multiple of 2"):
+        ImageVariationPipeline.from_pretrained(folder, safety_checker=False,
+                                               warm_up=lambda pipe: dict(images=pixel_values, height=7, width=8))
+    with pytest.raises(ValueError, match="^warm_up: expected the keyword arguments of a generate call"):
+        ImageVariationPipeline.from_pretrained(folder, safety_checker=False, warm_up=["images"])
+    # A function may decide against warming up, from the configs.
+    seen = []
+    pipe, params = ImageVariationPipeline.from_pretrained(folder, safety_checker=False,
+                                                          warm_up=lambda pipe: seen.append(pipe) or None)
+    assert seen and seen[0] is pipe and "unet" in params
 
 
 def test_pmap_call_with_replicated_params(folder):

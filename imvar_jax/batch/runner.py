@@ -374,12 +374,9 @@ class _Runner:
         elif negative is not None:
             options["negative_image_embeds"] = self.negative_embedding(pipe, params, s)
         try:
-            result = pipe.generate(
-                pictures, params, s.seed, num_images_per_prompt=k,
-                first_index=[outputs.picture_index(w.item, 0, k) for w in works], devices=self.devices,
-                slots=len(self.devices) * s.batch_size * k, num_inference_steps=s.steps, guidance_scale=s.guidance,
-                height=height, width=width, eta=s.eta, preprocessing=s.preprocessing, mix_method=s.mix_method,
-                strength=s.strength, image_embeds=embeds, **options)
+            result = pipe.generate(pictures, params, s.seed, first_index=[outputs.picture_index(w.item, 0, k)
+                                                                          for w in works],
+                                   image_embeds=embeds, **options, **self.call_settings(s))
             bad: dict[int, str] = {}
         except NonFiniteError as e:
             result, bad = e.output, dict(e.pictures)
@@ -405,6 +402,42 @@ class _Runner:
         flags = None if result.nsfw_content_detected is None else \
             {p: result.nsfw_content_detected[i] for p, i in rows.items()}
         return images, flags, bad
+
+    def call_settings(self, s: GenerationSettings) -> dict[str, Any]:
+        """``generate``'s arguments that every program call of the run shares: each pads to the same picture count,
+        so one program serves them all."""
+        height, width = s.size
+        k = s.num_images_per_prompt
+        return dict(num_images_per_prompt=k, devices=self.devices, slots=len(self.devices) * s.batch_size * k,
+                    num_inference_steps=s.steps, guidance_scale=s.guidance, height=height, width=width, eta=s.eta,
+                    preprocessing=s.preprocessing, mix_method=s.mix_method, strength=s.strength)
+
+    def first_call(self, items: list[InputFile], pipe: ImageVariationPipeline,
+                   s: GenerationSettings) -> dict[str, Any] | None:
+        """The run's program call as ``from_pretrained(warm_up=...)`` takes it, zeros standing for the inputs: those
+        of the kind most inputs are (pictures or embeddings; the other kind's program is made at its first
+        call), given as ``sample`` gives them. None when no input of that kind can be sampled."""
+        embedded = 2 * sum(is_embedding(item.path) for item in items) > len(items)
+        negative = self.negative
+        dim, side = pipe.image_encoder.config.projection_dim, pipe.image_encoder.config.image_size
+        call = self.call_settings(s)
+        if embedded:
+            if s.strength < 1:
+                return None  # an embedding has no picture to start from: every such input fails
+            call["image_embeds"] = np.zeros((1, dim), np.float32)
+        else:
+            if negative is not None and negative.embedding is not None:
+                call["image_embeds"] = np.zeros((1, dim), np.float32)
+            else:
+                call["images"] = np.zeros((1, 3, side, side), np.float32)
+            if s.strength < 1:
+                call["init_image"] = [_ELSEWHERE]
+        if negative is not None:
+            if "images" in call:
+                call["negative_image"] = negative.picture
+            else:
+                call["negative_image_embeds"] = np.zeros((1, dim), np.float32)
+        return call
 
     def embeddings(self, works: list[_Work], pipe: ImageVariationPipeline, params: dict[str, Any],
                    resolved: GenerationSettings, pixel_values: np.ndarray | None = None) -> np.ndarray:
@@ -518,15 +551,22 @@ class _Runner:
 
     def run(self, items: list[InputFile], start_over: bool) -> RunSummary:
         s = self.settings
+        made: list[GenerationSettings] = []
+
+        def warm_up(pipe: ImageVariationPipeline) -> dict[str, Any] | None:
+            # From the configs alone: settings that do not fit the model fail before any weight is read, and the
+            # sampling program is made ready while the weights load.
+            made.append(pipe.resolve(s, hub.recorded_revision(s.model, s.revision)))
+            if self.negative is not None:
+                self.negative = self.negative.checked(pipe.image_encoder.config.projection_dim, "--negative")
+            return self.first_call(items, pipe, made[0])
+
         # Loaded straight onto every device: one copy of the weights per device, none left behind on the first.
         pipe, params = ImageVariationPipeline.from_pretrained(
             s.model, revision=s.revision, scheduler=s.scheduler, dtype=s.dtype, vae_dtype=s.vae_dtype,
-            attention=s.attention, safety_checker=s.safety_checker, devices=self.devices)
-        if self.job.is_main:
-            pipe.on_compile = self.note
-        resolved = pipe.resolve(s, hub.recorded_revision(s.model, s.revision))
-        if self.negative is not None:
-            self.negative = self.negative.checked(pipe.image_encoder.config.projection_dim, "--negative")
+            attention=s.attention, safety_checker=s.safety_checker, devices=self.devices,
+            on_compile=self.note if self.job.is_main else None, warm_up=warm_up)
+        (resolved,) = made
 
         def ready() -> None:
             if self.folder is None:
