@@ -95,9 +95,21 @@ class Service:
 
     def _load(self) -> None:
         g = self.settings.generation
+
+        def first_size(pipe: ImageVariationPipeline) -> dict[str, Any] | None:
+            # The first served size's program is made while the weights load; a size the model refuses is
+            # reported below, by name.
+            try:
+                size = pipe.size(*self.settings.sizes[0]) if self.settings.sizes else pipe.size()
+            except SettingsError:
+                return None
+            side = pipe.image_encoder.config.image_size
+            return {"images": np.zeros((1, 3, side, side), np.float32),
+                    **self._call(Work(size, g.steps, g.guidance, g.scheduler))}
+
         pipe, params = ImageVariationPipeline.from_pretrained(
             g.model, scheduler=g.scheduler, dtype=g.dtype, vae_dtype=g.vae_dtype, revision=g.revision,
-            safety_checker=g.safety_checker, attention=g.attention, devices=self.devices)
+            safety_checker=g.safety_checker, attention=g.attention, devices=self.devices, warm_up=first_size)
         try:
             sizes = tuple(pipe.size(*s) for s in self.settings.sizes) or (pipe.size(),)
         except SettingsError as e:
@@ -142,16 +154,19 @@ class Service:
             ) -> tuple[np.ndarray, np.ndarray | None]:
         """One program call of ``capacity`` slots: picture p varies ``pixel_values[p]`` with the key
         ``fold_in(key(seeds[p]), indices[p])``, as ``imvar-jax generate`` numbers a picture's variations."""
-        g = self.settings.generation
-        height, width = work.size
         try:
-            out = self.pipeline(work.scheduler).generate(
-                pixel_values, self._params, seed=list(seeds), first_index=list(indices), num_images_per_prompt=1,
-                slots=self.capacity, num_inference_steps=work.steps, guidance_scale=work.guidance, height=height,
-                width=width, eta=g.eta, preprocessing=g.preprocessing)
+            out = self.pipeline(work.scheduler).generate(pixel_values, self._params, seed=list(seeds),
+                                                         first_index=list(indices), **self._call(work))
         except NonFiniteError as e:
             # The pictures that went NaN or inf come back black, as flagged ones do.
             log.warning("%s", e)
             out = e.output
         flags = None if out.nsfw_content_detected is None else np.asarray(out.nsfw_content_detected, bool)
         return out.images, flags
+
+    def _call(self, work: Work) -> dict[str, Any]:
+        """``generate``'s arguments for a program call of ``work``: ``capacity`` slots, one picture per input."""
+        g = self.settings.generation
+        height, width = work.size
+        return dict(num_images_per_prompt=1, slots=self.capacity, num_inference_steps=work.steps,
+                    guidance_scale=work.guidance, height=height, width=width, eta=g.eta, preprocessing=g.preprocessing)
