@@ -545,8 +545,8 @@ class ImageVariationPipeline:
                 "safety_checker": self.safety_checker}[name]
 
     def _shapes(self, name: str) -> dict[str, Any]:
-        """Component ``name``'s params tree as float32 shapes (traced once per pipeline, nothing allocated)."""
-        return self._compiled(("abstract", name), lambda: abstract_params(self._module(name).config))
+        """Component ``name``'s params tree as float32 shapes (nothing allocated)."""
+        return abstract_params(self._module(name).config)
 
     def _expected_params(self, name: str) -> dict[str, Any]:
         """Component ``name``'s params by key path: their shapes."""
@@ -1017,6 +1017,7 @@ class ImageVariationPipeline:
         if not np.isfinite(x).all():
             raise ValueError(f"{name}: contain NaN or infinity")
         return x
+
 
 # warm_up takes generate's arguments, whatever may have been put in its place.
 _GENERATE = inspect.signature(ImageVariationPipeline.generate)
