@@ -63,11 +63,12 @@ class ModelSource:
     configs: dict[str, Any]
     scheduler_config: dict[str, Any] | None
     feature_extractor_config: dict[str, Any] | None
-    _read: Callable[[str], dict[str, Any]]  # component name -> its host params, in the dtype asked for
+    dtypes: dict[str, np.dtype]  # per component
+    _read: Callable[[str, np.dtype], dict[str, Any]]  # (component name, dtype) -> its host params
 
     def load_params(self, put: Callable[[Any], jax.Array]) -> dict[str, Any]:
         """Every component's params placed by ``put``, one component in host memory at a time."""
-        return {name: move_to_devices(self._read(name), put) for name in self.configs}
+        return {name: move_to_devices(self._read(name, self.dtypes[name]), put) for name in self.configs}
 
 
 def open_model(path: str | os.PathLike, *, revision: str | None, dtype: np.dtype, vae_dtype: np.dtype,
@@ -77,17 +78,18 @@ def open_model(path: str | os.PathLike, *, revision: str | None, dtype: np.dtype
     if str(path) == TINY_MODEL:
         if revision is not None:
             raise ValueError(f"revision: the built-in {TINY_MODEL!r} model has no revisions, got {revision!r}")
-        configs, read = open_tiny(dtype, vae_dtype, include_safety_checker=safety_checker)
-        return ModelSource(configs, dict(SD_V1_SCHEDULER_CONFIG),
-                           tiny_feature_extractor_config(configs["image_encoder"].image_size), read)
-    root = resolve_model(path, revision, dtype)
-    configs, read_component = (open_converted if is_converted(root) else open_torch)(root, safety_checker)
-    # Read before the weights, so a bad side config fails in seconds, naming its file.
-    scheduler_config = _read_optional(root / "scheduler" / "scheduler_config.json", read_scheduler_config)
-    feature_extractor_config = _read_optional(root / "feature_extractor" / "preprocessor_config.json",
-                                              read_preprocessor_config)
-    return ModelSource(configs, scheduler_config, feature_extractor_config,
-                       lambda name: read_component(name, vae_dtype if name == "vae" else dtype))
+        configs, read = open_tiny(include_safety_checker=safety_checker)
+        scheduler_config = dict(SD_V1_SCHEDULER_CONFIG)
+        feature_extractor_config = tiny_feature_extractor_config(configs["image_encoder"].image_size)
+    else:
+        root = resolve_model(path, revision, dtype)
+        configs, read = (open_converted if is_converted(root) else open_torch)(root, safety_checker)
+        # Read before the weights, so a bad side config fails in seconds, naming its file.
+        scheduler_config = _read_optional(root / "scheduler" / "scheduler_config.json", read_scheduler_config)
+        feature_extractor_config = _read_optional(root / "feature_extractor" / "preprocessor_config.json",
+                                                  read_preprocessor_config)
+    dtypes = {name: np.dtype(vae_dtype if name == "vae" else dtype) for name in configs}
+    return ModelSource(configs, scheduler_config, feature_extractor_config, dtypes, read)
 
 
 def load_model(path: str | os.PathLike, *, revision: str | None, dtype: np.dtype, vae_dtype: np.dtype,

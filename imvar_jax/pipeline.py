@@ -269,8 +269,8 @@ class ImageVariationPipeline:
     def abstract_params(self, devices: Sequence[jax.Device] | None = None) -> dict[str, Any]:
         """The params ``from_pretrained(devices=devices)`` returns, as ``jax.ShapeDtypeStruct`` leaves (shapes,
         dtypes and placement; nothing is read or allocated): for ``warm_up`` before the weights exist."""
-        shapes = {name: jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, self._module(name).dtype),
-                                     self._shapes(name)) for name in self._components()}
+        shapes = {name: abstract_params(self._module(name).config, self._module(name).dtype)
+                  for name in self._components()}
         if devices is not None:
             return replicated_shapes(shapes, Placement.of(devices).devices)
         on = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])

@@ -101,21 +101,20 @@ def tiny_params(seed: int = 0) -> dict[str, Any]:
     return params
 
 
-def open_tiny(dtype: Any, vae_dtype: Any, include_safety_checker: bool = True, seed: int = 0,
-              ) -> tuple[dict[str, Any], Callable[[str], dict[str, Any]]]:
-    """The components' configs and a function ``name -> params``, as ``open_converted`` gives for a folder.
+def open_tiny(include_safety_checker: bool = True, seed: int = 0,
+              ) -> tuple[dict[str, Any], Callable[[str, Any], dict[str, Any]]]:
+    """The components' configs and a function ``(name, dtype) -> params``, as ``open_converted`` gives for a folder.
 
-    Both dtypes are cast from the same float32 draw (made at the first read), so a float32 VAE here
+    Every dtype is cast from the same float32 draw (made at the first read), so a float32 VAE here
     has the float32 model's exact weights. ``seed`` picks the weights: the same bits on every call and
     process.
     """
     configs = {n: c for n, c in tiny_configs().items() if n != "safety_checker" or include_safety_checker}
     drawn: dict[str, Any] = {}
 
-    def read(name: str) -> dict[str, Any]:
+    def read(name: str, dtype: Any) -> dict[str, Any]:
         if not drawn:
             drawn.update(tiny_params(seed))
-        want = np.dtype(vae_dtype if name == "vae" else dtype)
-        return jax.tree.map(lambda a: a.astype(want), drawn.pop(name))
+        return jax.tree.map(lambda a: a.astype(np.dtype(dtype)), drawn.pop(name))
 
     return configs, read

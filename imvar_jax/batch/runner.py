@@ -355,7 +355,7 @@ class _Runner:
         k = s.num_images_per_prompt
         height, width = s.size
         options: dict[str, Any] = {}
-        negative = self.negative
+        as_embeds, with_init, negative_arg = self.call_form(works[0].embedded, s)
         # Rows this process's devices do not use may hold anything: zeros for works prepared elsewhere.
         if works[0].embedded:
             pictures, embeds = None, self.embeddings(works, pipe, params, s)
@@ -364,15 +364,14 @@ class _Runner:
             pictures = np.concatenate([np.zeros((1, 3, side, side), np.float32) if w.pixel_values is None
                                        else w.pixel_values for w in works])
             embeds = None
-            if negative is not None and negative.embedding is not None:
-                # A negative embedding goes only with embeddings: the pictures become theirs.
+            if as_embeds:
                 pictures, embeds = None, self.embeddings(works, pipe, params, s, pictures)
-            if s.strength < 1:
+            if with_init:
                 options["init_image"] = [w.init_picture or _ELSEWHERE for w in works]
-        if negative is not None and embeds is None:
-            options["negative_image"] = negative.picture
-        elif negative is not None:
-            options["negative_image_embeds"] = self.negative_embedding(pipe, params, s)
+        if negative_arg == "negative_image":
+            options[negative_arg] = self.negative.picture
+        elif negative_arg is not None:
+            options[negative_arg] = self.negative_embedding(pipe, params, s)
         try:
             result = pipe.generate(pictures, params, s.seed, first_index=[outputs.picture_index(w.item, 0, k)
                                                                           for w in works],
@@ -412,31 +411,35 @@ class _Runner:
                     num_inference_steps=s.steps, guidance_scale=s.guidance, height=height, width=width, eta=s.eta,
                     preprocessing=s.preprocessing, mix_method=s.mix_method, strength=s.strength)
 
+    def call_form(self, embedded: bool, s: GenerationSettings) -> tuple[bool, bool, str | None]:
+        """How a call of embedding inputs (``embedded``) or picture inputs passes them to ``generate``: as
+        embeddings or not, with starting pictures or not, and the negative's argument (None without one)."""
+        negative = self.negative
+        # A negative embedding goes only with embeddings: picture inputs then become theirs.
+        as_embeds = embedded or (negative is not None and negative.embedding is not None)
+        negative_arg = None if negative is None else "negative_image_embeds" if as_embeds else "negative_image"
+        return as_embeds, not embedded and s.strength < 1, negative_arg
+
     def first_call(self, items: list[InputFile], pipe: ImageVariationPipeline,
                    s: GenerationSettings) -> dict[str, Any] | None:
         """The run's program call as ``from_pretrained(warm_up=...)`` takes it, zeros standing for the inputs: those
         of the kind most inputs are (pictures or embeddings; the other kind's program is made at its first
-        call), given as ``sample`` gives them. None when no input of that kind can be sampled."""
+        call), in ``call_form``. None when no input of that kind can be sampled."""
         embedded = 2 * sum(is_embedding(item.path) for item in items) > len(items)
-        negative = self.negative
+        if embedded and s.strength < 1:
+            return None  # an embedding has no picture to start from: every such input fails
+        as_embeds, with_init, negative_arg = self.call_form(embedded, s)
         dim, side = pipe.image_encoder.config.projection_dim, pipe.image_encoder.config.image_size
         call = self.call_settings(s)
-        if embedded:
-            if s.strength < 1:
-                return None  # an embedding has no picture to start from: every such input fails
+        if as_embeds:
             call["image_embeds"] = np.zeros((1, dim), np.float32)
         else:
-            if negative is not None and negative.embedding is not None:
-                call["image_embeds"] = np.zeros((1, dim), np.float32)
-            else:
-                call["images"] = np.zeros((1, 3, side, side), np.float32)
-            if s.strength < 1:
-                call["init_image"] = [_ELSEWHERE]
-        if negative is not None:
-            if "images" in call:
-                call["negative_image"] = negative.picture
-            else:
-                call["negative_image_embeds"] = np.zeros((1, dim), np.float32)
+            call["images"] = np.zeros((1, 3, side, side), np.float32)
+        if with_init:
+            call["init_image"] = [_ELSEWHERE]
+        if negative_arg is not None:
+            call[negative_arg] = (self.negative.picture if negative_arg == "negative_image"
+                                  else np.zeros((1, dim), np.float32))
         return call
 
     def embeddings(self, works: list[_Work], pipe: ImageVariationPipeline, params: dict[str, Any],
